@@ -1,0 +1,1 @@
+"""Data: webdataset streams, shard writers, tokenizers, transforms, language sampling, demo data."""

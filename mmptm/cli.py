@@ -1,0 +1,245 @@
+"""The ``mmptm`` command line: train, data, tokenizer, list."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+EXAMPLES = """examples:
+  mmptm train clip_tiny.yaml                       train the demo CLIP (builds the demo data on first use)
+  mmptm train clip_base.yaml train.max_steps=100 data.train.shards='/data/laion/{00000..00099}.tar'
+  mmptm train my.yaml --resume --output-dir runs/my
+  mmptm data demo                                  build the embedded demo dataset
+  mmptm data shards images/ shards/                write webdataset shards from a folder, CSV or JSONL
+  mmptm tokenizer train corpus.jsonl --output spm.model --vocab-size 32000 --alpha 0.3
+  mmptm list                                       registered encoders, models, objectives, datasets, configs
+"""
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a model from a YAML config",
+        description="Train a model from a YAML config. CONFIG is a path or the name of a bundled config "
+        "(see `mmptm list`); overrides a.b=c are parsed as YAML and applied on top.",
+    )
+    p.add_argument("config", help="config file, or a bundled config name such as clip_tiny.yaml")
+    p.add_argument("overrides", nargs="*", metavar="a.b=c", help="config overrides, e.g. train.max_steps=100")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the output dir")
+    p.add_argument("--output-dir", help="run folder (default: train.output_dir or runs/<config name>)")
+    p.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import a module (pkg.module or path/to/file.py) that registers components; repeatable",
+    )
+    p.set_defaults(func=_train)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from mmptm.config import load_config
+
+    config = load_config(args.config, args.overrides, imports=args.imports)
+    from mmptm.training.trainer import Trainer
+
+    trainer = Trainer(config, output_dir=args.output_dir, resume=args.resume)
+    metrics = trainer.fit()
+    if trainer.is_main:
+        print(f"run folder: {trainer.output_dir}")
+        if trainer.stopped_by:
+            print(f"stopped by {trainer.stopped_by} at step {trainer.step}; continue with --resume")
+        elif "eval/zeroshot_top1" in metrics:
+            langs = {k.rsplit("/", 1)[1]: v for k, v in metrics.items() if k.startswith("eval/zeroshot_top1/")}
+            print(
+                f"zero-shot top-1 ({config.eval.zeroshot.primary_language}): {metrics['eval/zeroshot_top1']:.4f}  "
+                + "  ".join(f"{lang}={acc:.3f}" for lang, acc in langs.items())
+            )
+    return 0
+
+
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="build datasets: the embedded demo data, or shards from your files")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="{demo,shards}")
+    demo = data_sub.add_parser(
+        "demo",
+        help="build the embedded demo dataset (handwritten digits, captions in 10 languages)",
+        description="Build the demo dataset into $MMPTM_CACHE/demo-v1 (default ~/.cache/mmptm): "
+        "scikit-learn's 1,797 handwritten digits as webdataset shards with multilingual captions, "
+        "a seeded train/val split and a sentencepiece tokenizer.",
+    )
+    demo.add_argument("--root", help="build here instead of the cache folder")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the train/val split (default 0)")
+    demo.add_argument("--force", action="store_true", help="rebuild even if it exists")
+    demo.set_defaults(func=_data_demo)
+
+    shards = data_sub.add_parser(
+        "shards",
+        help="write webdataset shards (img2dataset layout) from a folder, CSV, JSONL or parquet",
+        description="SOURCE is a folder of images with same-named .txt captions, or a CSV/JSONL/parquet "
+        "file with image path and caption columns (paths relative to the file).",
+    )
+    shards.add_argument("source")
+    shards.add_argument("output_dir")
+    shards.add_argument("--samples-per-shard", type=int, default=10000)
+    shards.add_argument("--image-column", default="image")
+    shards.add_argument("--caption-column", default="caption")
+    shards.add_argument("--resize", type=int, help="re-encode images with this shorter side")
+    shards.add_argument("--max-samples", type=int)
+    shards.set_defaults(func=_data_shards)
+
+
+def _data_demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mmptm.data_pipelines.demo import ensure_demo
+
+    paths = ensure_demo(root=Path(args.root) if args.root else None, seed=args.seed, force=args.force)
+    print(
+        json.dumps(
+            {
+                "root": str(paths.root),
+                "train_shards": paths.train_shards,
+                "val_shards": paths.val_shards,
+                "tokenizer": str(paths.tokenizer),
+                "num_train": paths.num_train,
+                "num_val": paths.num_val,
+                "languages": list(paths.languages),
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
+def _data_shards(args: argparse.Namespace) -> int:
+    from mmptm.data_pipelines.shards import write_shards
+
+    stats = write_shards(
+        args.source,
+        args.output_dir,
+        samples_per_shard=args.samples_per_shard,
+        image_column=args.image_column,
+        caption_column=args.caption_column,
+        resize=args.resize,
+        max_samples=args.max_samples,
+    )
+    print(
+        json.dumps(
+            {
+                "num_samples": stats.num_samples,
+                "num_skipped": stats.num_skipped,
+                "shards": [str(s) for s in stats.shards],
+                "skipped_reasons": stats.skipped_reasons,
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
+def _add_tokenizer(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tokenizer", help="train tokenizers")
+    tok_sub = p.add_subparsers(dest="tokenizer_command", required=True, metavar="{train}")
+    t = tok_sub.add_parser(
+        "train",
+        help="train a multilingual sentencepiece model",
+        description="Train a sentencepiece model on .txt (one sentence per line; language = file stem), "
+        ".jsonl ({'text', 'lang'}) or webdataset .tar inputs, sampling languages with q_i ~ p_i^alpha "
+        "(Lample & Conneau 2019).",
+    )
+    t.add_argument("inputs", nargs="+", help="text, JSONL or tar shard files")
+    t.add_argument("--output", required=True, help="path of the .model file to write")
+    t.add_argument("--vocab-size", type=int, default=32000)
+    t.add_argument("--model-type", choices=["unigram", "bpe"], default="unigram")
+    t.add_argument("--character-coverage", type=float, default=0.9995)
+    t.add_argument("--no-byte-fallback", dest="byte_fallback", action="store_false")
+    t.add_argument("--alpha", type=float, help="language sampling exponent (XLM: 0.5, XLM-R: 0.3)")
+    t.add_argument("--text-key", default="text")
+    t.add_argument("--lang-key", default="lang")
+    t.set_defaults(func=_tokenizer_train)
+
+
+def _tokenizer_train(args: argparse.Namespace) -> int:
+    from mmptm.data_pipelines.tokenizer import train_tokenizer_cli
+
+    path = train_tokenizer_cli(
+        args.inputs,
+        args.output,
+        vocab_size=args.vocab_size,
+        model_type=args.model_type,
+        character_coverage=args.character_coverage,
+        byte_fallback=args.byte_fallback,
+        alpha=args.alpha,
+        text_key=args.text_key,
+        lang_key=args.lang_key,
+    )
+    print(path)
+    return 0
+
+
+def _add_list(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("list", help="list registered components and bundled configs")
+    p.add_argument(
+        "--import", dest="imports", action="append", default=[], metavar="MODULE", help="import a user module first"
+    )
+    p.set_defaults(func=_list)
+
+
+def _list(args: argparse.Namespace) -> int:
+    import mmptm.data_pipelines  # noqa: F401
+    import mmptm.encoders  # noqa: F401
+    import mmptm.objectives  # noqa: F401
+    from mmptm.config import bundled_config_names, import_modules
+    from mmptm.registry import DATASETS, ENCODERS, MODELS, OBJECTIVES
+
+    import_modules(args.imports)
+    for registry in (MODELS, ENCODERS, OBJECTIVES, DATASETS):
+        print(f"{registry.kind}s:")
+        for name in registry.names():
+            print(f"  {registry.describe(name)}")
+    print("configs:")
+    for name in bundled_config_names():
+        print(f"  {name}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mmptm",
+        description="Multimodal and multilingual pretraining.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,data,tokenizer,list}")
+    _add_train(sub)
+    _add_data(sub)
+    _add_tokenizer(sub)
+    _add_list(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    from mmptm.config import ConfigError
+    from mmptm.registry import UnknownNameError
+
+    try:
+        return args.func(args)
+    except (ConfigError, UnknownNameError, FileNotFoundError) as err:
+        print(f"mmptm: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""Checkpoint directories: weights, resolved config, tokenizer and training state.
+
+Layout (DESIGN.md sec 2)::
+
+    <run>/checkpoints/step_00000100/
+        config.yaml          resolved run config
+        model.safetensors    weights (never pickled)
+        tokenizer.model      the sentencepiece model the text tower reads
+        training_state/      optimizer.pt, scheduler.pt, rng.pt, state.json (step, data position, counters)
+    <run>/checkpoints/latest  name of the newest complete checkpoint
+
+A checkpoint is written into a temporary sibling folder and renamed into
+place, and ``latest`` is replaced atomically afterwards, so a crash at any
+moment leaves the previous checkpoint as the latest complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+CHECKPOINT_PATTERN = re.compile(r"^step_(\d{8})$")
+LATEST = "latest"
+
+
+def checkpoints_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def save_weights(model: nn.Module, path: Path) -> None:
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(path), metadata={"format": "pt", "library": "mmptm"})
+
+
+def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> None:
+    state = load_file(str(path))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if strict and (missing or unexpected):
+        raise ValueError(
+            f"{path}: weights do not match the model built from its config: "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _json_rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+    }
+
+
+def _restore_json_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model: nn.Module,
+    config_yaml: str,
+    tokenizer_path: str | Path | None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    state: dict[str, Any] | None = None,
+    keep: int = 3,
+) -> Path:
+    """Write ``step_XXXXXXXX`` atomically, point ``latest`` at it and keep the newest ``keep``.
+
+    Args:
+        run_dir: the run's output folder.
+        step: optimizer steps done.
+        model: the unwrapped model.
+        config_yaml: the resolved run config.
+        tokenizer_path: copied in as ``tokenizer.model`` when given.
+        optimizer / scheduler / state: training state for ``--resume`` (omit for an export).
+        keep: how many step checkpoints to keep.
+
+    Returns:
+        The checkpoint folder.
+    """
+    root = checkpoints_dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
+    try:
+        (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
+        save_weights(model, tmp / "model.safetensors")
+        if tokenizer_path is not None:
+            shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
+        if optimizer is not None:
+            ts = tmp / "training_state"
+            ts.mkdir()
+            torch.save(optimizer.state_dict(), ts / "optimizer.pt")
+            if scheduler is not None:
+                torch.save(scheduler.state_dict(), ts / "scheduler.pt")
+            torch.save(rng_state(), ts / "rng.pt")
+            payload = {"step": step, **(state or {}), "rng": _json_rng_state()}
+            (ts / "state.json").write_text(json.dumps(payload), encoding="utf-8")
+        if final.exists():  # a re-save of the same step (e.g. SIGTERM right after a periodic save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _write_atomic(root / LATEST, final.name)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+def is_complete(checkpoint: Path) -> bool:
+    return (checkpoint / "model.safetensors").is_file() and (checkpoint / "config.yaml").is_file()
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete step checkpoints, oldest first."""
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if CHECKPOINT_PATTERN.match(p.name) and is_complete(p)]
+    return sorted(found, key=lambda p: p.name)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint ``latest`` names, or the newest complete one if that file is missing or stale."""
+    root = checkpoints_dir(run_dir)
+    pointer = root / LATEST
+    if pointer.is_file():
+        named = root / pointer.read_text(encoding="utf-8").strip()
+        if is_complete(named):
+            return named
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or a run folder (-> its latest checkpoint)."""
+    path = Path(path)
+    if is_complete(path):
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise FileNotFoundError(
+            f"'{path}' is neither a checkpoint (config.yaml + model.safetensors) nor a run folder with checkpoints"
+        )
+    return latest
+
+
+def load_training_state(
+    checkpoint: Path, optimizer: torch.optim.Optimizer, scheduler: Any = None
+) -> dict[str, Any]:
+    """Restore optimizer, scheduler and RNG state; return ``state.json`` (step, data position, counters)."""
+    ts = checkpoint / "training_state"
+    if not (ts / "state.json").is_file():
+        raise FileNotFoundError(f"{checkpoint}: no training_state/ to resume from (an export-only checkpoint?)")
+    optimizer.load_state_dict(torch.load(ts / "optimizer.pt", map_location="cpu", weights_only=True))
+    if scheduler is not None and (ts / "scheduler.pt").is_file():
+        scheduler.load_state_dict(torch.load(ts / "scheduler.pt", weights_only=True))
+    rng = torch.load(ts / "rng.pt", weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    state = json.loads((ts / "state.json").read_text(encoding="utf-8"))
+    _restore_json_rng_state(state.pop("rng"))
+    return state

@@ -1,0 +1,444 @@
+"""The training loop: one loop on ``accelerate.Accelerator`` for every model and objective mix.
+
+Each optimizer step draws, for every configured objective, ``grad_accum_steps``
+batches from that objective's data stream, sums the weighted losses and steps
+once. Logging, evaluation, checkpointing and signal handling happen between
+steps, on the schedule of the ``train`` section.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch import nn
+
+from mmptm.config import Config
+from mmptm.data_pipelines.context import DataContext
+from mmptm.data_pipelines.demo import resolve
+from mmptm.data_pipelines.tokenizer import SentencePieceTokenizer
+from mmptm.evaluation.zeroshot import load_prompt_file, zeroshot_classification
+from mmptm.models import create_model
+from mmptm.registry import DATASETS, OBJECTIVES, build
+from mmptm.training.checkpoint import latest_checkpoint, load_training_state, load_weights, save_checkpoint
+from mmptm.training.optim import build_optimizer, build_scheduler
+
+logger = logging.getLogger("mmptm.train")
+
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
+
+
+class DataStream:
+    """An endless iterator over a dataset's epochs that tracks its position and skipped samples."""
+
+    def __init__(self, name: str, dataset: Any, epoch: int = 0) -> None:
+        self.name = name
+        self.dataset = dataset
+        self.epoch = epoch
+        self.batches_in_epoch = 0
+        self.skipped = 0
+        self._iterator: Iterator[dict[str, Any]] | None = None
+
+    def _start_epoch(self) -> None:
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(self.epoch)
+        self._iterator = iter(self.dataset)
+        self.batches_in_epoch = 0
+
+    def next_batch(self) -> dict[str, Any]:
+        empty_epochs = 0
+        while True:
+            if self._iterator is None:
+                self._start_epoch()
+            try:
+                batch = next(self._iterator)  # type: ignore[arg-type]
+            except StopIteration:
+                if self.batches_in_epoch == 0:
+                    empty_epochs += 1
+                    if empty_epochs > 1:
+                        raise RuntimeError(
+                            f"data stream '{self.name}' produced no batch in a whole epoch "
+                            f"({self.skipped} samples skipped so far): check its shards and batch_size"
+                        ) from None
+                self.epoch += 1
+                self._iterator = None
+                continue
+            self.skipped += int(batch.get("skipped", 0))
+            if batch.get("empty"):
+                continue
+            self.batches_in_epoch += 1
+            return batch
+
+    def position(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch, "skipped": self.skipped}
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _batch_size(batch: dict[str, Any]) -> int:
+    return next((len(v) for v in batch.values() if torch.is_tensor(v) and v.ndim > 0), 0)
+
+
+class Trainer:
+    """Trains the model of a :class:`~mmptm.config.Config` with its objectives and data streams.
+
+    Args:
+        config: a validated run config.
+        output_dir: where checkpoints and logs go (default: ``train.output_dir`` or ``runs/<name>``).
+        resume: continue from the newest complete checkpoint in ``output_dir`` if there is one.
+    """
+
+    def __init__(self, config: Config, output_dir: str | Path | None = None, resume: bool = False) -> None:
+        self.config = config
+        tc = config.train
+        self.output_dir = Path(output_dir or tc.output_dir or Path("runs") / config.name)
+        self.resume = resume
+        if tc.precision == "fp16" and (tc.cpu or not torch.cuda.is_available()):
+            raise ValueError("train.precision=fp16 needs a GPU (loss scaling is CUDA-only); use bf16 on the CPU")
+        self.accelerator = Accelerator(
+            mixed_precision="no" if tc.precision == "fp32" else tc.precision,
+            cpu=tc.cpu,
+            step_scheduler_with_optimizer=False,
+        )
+        self.is_main = self.accelerator.is_main_process
+        set_seed(tc.seed)
+
+        self.tokenizer_path = Path(resolve(config.tokenizer.path))
+        self.tokenizer = SentencePieceTokenizer(self.tokenizer_path, context_length=config.tokenizer.context_length)
+        self.model = create_model(config.model, tokenizer=self.tokenizer)
+        if tc.grad_checkpointing:
+            self.model.set_grad_checkpointing(True)
+        self.objectives = nn.ModuleList(
+            build(OBJECTIVES, {k: v for k, v in spec.items() if k not in ("weight", "data")})
+            for spec in config.objectives
+        )
+        self.weights = [float(spec.get("weight", 1.0)) for spec in config.objectives]
+        self.stream_of = [spec.get("data", "train") for spec in config.objectives]
+
+        named = list(self.model.named_parameters()) + [
+            (f"objectives.{n}", p) for n, p in self.objectives.named_parameters()
+        ]
+        self.model.to(self.accelerator.device)
+        self.objectives.to(self.accelerator.device)
+        optimizer = build_optimizer(named, tc.lr, tc.weight_decay, tc.betas, tc.eps)
+        self.scheduler = build_scheduler(
+            optimizer,
+            warmup_steps=tc.warmup_steps,
+            max_steps=tc.max_steps,
+            schedule=tc.schedule,
+            lr=tc.lr,
+            min_lr=tc.min_lr,
+        )
+        train_model = torch.compile(self.model) if tc.compile else self.model
+        self.train_model, self.optimizer = self.accelerator.prepare(train_model, optimizer)
+        if any(True for _ in self.objectives.parameters()):
+            self.objectives = self.accelerator.prepare(self.objectives)
+
+        self.streams = {
+            name: DataStream(name, build(DATASETS, config.data[name], context=self._data_context(training=True)))
+            for name in dict.fromkeys(self.stream_of)
+        }
+        self.step = 0
+        self.samples_seen = 0
+        self.stopped_by: str | None = None
+        self._metrics_file: Any = None
+        self._tensorboard: Any = None
+
+    # ------------------------------------------------------------------ setup helpers
+
+    def _data_context(self, training: bool) -> DataContext:
+        visual = getattr(self.model, "visual", None)
+        defaults = DataContext()
+        return DataContext(
+            tokenizer=self.tokenizer,
+            image_size=getattr(visual, "image_size", defaults.image_size),
+            image_mean=tuple(getattr(visual, "image_mean", defaults.image_mean)),
+            image_std=tuple(getattr(visual, "image_std", defaults.image_std)),
+            training=training,
+            seed=self.config.train.seed,
+            rank=self.accelerator.process_index if training else 0,
+            world_size=self.accelerator.num_processes if training else 1,
+        )
+
+    def _install_signal_handlers(self) -> list[tuple[int, Any]]:
+        previous = []
+
+        def request_stop(signum: int, _frame: Any) -> None:
+            self.stopped_by = signal.Signals(signum).name
+
+        for name in STOP_SIGNALS:
+            if hasattr(signal, name):
+                sig = getattr(signal, name)
+                previous.append((sig, signal.signal(sig, request_stop)))
+        return previous
+
+    def _restore(self) -> None:
+        checkpoint = latest_checkpoint(self.output_dir)
+        if checkpoint is None:
+            logger.warning("--resume: no checkpoint in %s yet; starting from step 0", self.output_dir)
+            return
+        load_weights(self.accelerator.unwrap_model(self.model), checkpoint / "model.safetensors")
+        state = load_training_state(checkpoint, self.optimizer.optimizer if hasattr(self.optimizer, "optimizer")
+                                    else self.optimizer, self.scheduler)
+        self.step = state["step"]
+        self.samples_seen = state.get("samples_seen", 0)
+        for name, position in state.get("data", {}).items():
+            if name in self.streams:
+                # Resume in a fresh epoch so the interrupted epoch's batches are not replayed in the same order.
+                self.streams[name].epoch = position["epoch"] + 1
+                self.streams[name].skipped = position.get("skipped", 0)
+        logger.info("resumed from %s at step %d", checkpoint, self.step)
+
+    # ------------------------------------------------------------------ logging
+
+    def _open_logs(self) -> None:
+        if not self.is_main:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        (self.output_dir / "config.yaml").write_text(self.config.to_yaml(), encoding="utf-8")
+        self._metrics_file = open(self.output_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        if self.config.train.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tensorboard = SummaryWriter(str(self.output_dir / "tensorboard"))
+            except ImportError:
+                logger.warning("tensorboard is not installed; logging to metrics.jsonl only")
+
+    def _log(self, metrics: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
+        record = {"step": self.step, **metrics}
+        self._metrics_file.write(json.dumps(record) + "\n")
+        self._metrics_file.flush()
+        if self._tensorboard is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)):
+                    self._tensorboard.add_scalar(key, value, self.step)
+
+    def _close_logs(self) -> None:
+        if self._metrics_file is not None:
+            self._metrics_file.close()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+
+    # ------------------------------------------------------------------ checkpoints and evaluation
+
+    def save(self) -> Path | None:
+        """Write a resumable checkpoint of the current step (main process), then sync every rank."""
+        path = None
+        if self.is_main:
+            state = {
+                "samples_seen": self.samples_seen,
+                "data": {name: stream.position() for name, stream in self.streams.items()},
+            }
+            optimizer = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
+            path = save_checkpoint(
+                self.output_dir,
+                self.step,
+                self.accelerator.unwrap_model(self.model),
+                self.config.to_yaml(),
+                self.tokenizer_path,
+                optimizer=optimizer,
+                scheduler=self.scheduler,
+                state=state,
+                keep=self.config.train.keep_checkpoints,
+            )
+            logger.info("saved checkpoint %s", path)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def evaluate(self) -> dict[str, float]:
+        """Zero-shot classification on the eval stream, every prompt language (main process)."""
+        zs = self.config.eval.zeroshot
+        metrics: dict[str, float] = {}
+        if zs is not None and self.is_main:
+            stream = build(
+                DATASETS,
+                {
+                    "name": "image_text",
+                    "shards": zs.data,
+                    "batch_size": zs.batch_size,
+                    "num_workers": zs.num_workers,
+                    "label_key": zs.label_key,
+                },
+                context=self._data_context(training=False),
+            )
+            classnames = load_prompt_file(resolve(zs.classnames), "classnames")
+            templates = load_prompt_file(resolve(zs.templates), "templates")
+            results = zeroshot_classification(
+                self.accelerator.unwrap_model(self.model),
+                self.tokenizer,
+                stream,
+                classnames,
+                templates,
+                device=self.accelerator.device,
+                languages=zs.languages,
+                autocast=self.accelerator.autocast,
+            )
+            skipped = results.pop("_stream")["skipped"]
+            primary = zs.primary_language if zs.primary_language in results else next(iter(results))
+            metrics = {
+                "eval/zeroshot_top1": results[primary]["top1"],
+                "eval/zeroshot_top5": results[primary]["top5"],
+                "eval/zeroshot_mean_per_class_recall": results[primary]["mean_per_class_recall"],
+                "eval/num_images": results[primary]["num_images"],
+                "eval/skipped_samples": skipped,
+            }
+            for lang, result in results.items():
+                metrics[f"eval/zeroshot_top1/{lang}"] = result["top1"]
+            self._log(metrics)
+        self.accelerator.wait_for_everyone()
+        return metrics
+
+    # ------------------------------------------------------------------ the loop
+
+    def _train_step(self) -> tuple[dict[str, torch.Tensor], int]:
+        """One optimizer step over every objective and accumulation micro-step."""
+        tc = self.config.train
+        totals: dict[str, torch.Tensor] = {}
+        samples = 0
+        for micro in range(tc.grad_accum_steps):
+            last = micro == tc.grad_accum_steps - 1
+            sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.train_model)
+            with sync:
+                loss = torch.zeros((), device=self.accelerator.device)
+                for objective, weight, stream, spec in zip(
+                    self.objectives, self.weights, self.stream_of, self.config.objectives
+                ):
+                    batch = _to_device(self.streams[stream].next_batch(), self.accelerator.device)
+                    samples += _batch_size(batch)
+                    with self.accelerator.autocast():
+                        out = objective(self.train_model, batch)
+                    loss = loss + weight * out["loss"].float()
+                    for key, value in out.items():
+                        name = f"train/{spec['name']}/{key}" if len(self.objectives) > 1 or key != "loss" else None
+                        if name is not None and torch.is_tensor(value):
+                            totals[name] = totals.get(name, 0) + value.detach().float() / tc.grad_accum_steps
+                self.accelerator.backward(loss / tc.grad_accum_steps)
+                totals["train/loss"] = totals.get("train/loss", 0) + loss.detach() / tc.grad_accum_steps
+        if tc.grad_clip is not None:
+            totals["train/grad_norm"] = torch.as_tensor(
+                self.accelerator.clip_grad_norm_(self.train_model.parameters(), tc.grad_clip)
+            ).detach().float()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return totals, samples * self.accelerator.num_processes
+
+    def fit(self) -> dict[str, float]:
+        """Train to ``train.max_steps`` (or until SIGTERM/SIGUSR1), evaluate, save; return the last eval metrics."""
+        tc = self.config.train
+        if self.resume:
+            self._restore()
+        self._open_logs()
+        previous_handlers = self._install_signal_handlers()
+        progress = None
+        if self.is_main and tc.progress_bar:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=tc.max_steps, initial=self.step, desc="train", dynamic_ncols=True, file=sys.stderr)
+        interval: dict[str, torch.Tensor] = {}
+        interval_steps, interval_samples, interval_start = 0, 0, time.perf_counter()
+        eval_metrics: dict[str, float] = {}
+        try:
+            self.train_model.train()
+            while self.step < tc.max_steps:
+                totals, samples = self._train_step()
+                self.step += 1
+                self.samples_seen += samples
+                interval_steps += 1
+                interval_samples += samples
+                for key, value in totals.items():
+                    interval[key] = interval.get(key, 0) + value
+                if progress is not None:
+                    progress.update(1)
+
+                if self.step % tc.log_every == 0 or self.step == tc.max_steps:
+                    elapsed = time.perf_counter() - interval_start
+                    metrics = self._reduce_interval(interval, interval_steps)
+                    metrics["train/lr"] = self.scheduler.get_last_lr()[0]
+                    metrics["train/samples_per_second"] = interval_samples / max(elapsed, 1e-9)
+                    metrics["train/samples_seen"] = self.samples_seen
+                    metrics["data/skipped_samples"] = self._skipped_total()
+                    self._log(metrics)
+                    if progress is not None:
+                        progress.set_postfix(
+                            loss=f"{metrics['train/loss']:.4f}",
+                            lr=f"{metrics['train/lr']:.2e}",
+                            samples_s=f"{metrics['train/samples_per_second']:.1f}",
+                        )
+                    interval, interval_steps, interval_samples = {}, 0, 0
+                    interval_start = time.perf_counter()
+                    if not math.isfinite(metrics["train/loss"]):
+                        raise FloatingPointError(f"loss is {metrics['train/loss']} at step {self.step}")
+
+                if self._should_stop():
+                    if progress is not None:
+                        progress.close()
+                        progress = None
+                    logger.warning("received %s: checkpointing step %d and exiting", self.stopped_by, self.step)
+                    self.save()
+                    return {}
+                if tc.eval_every and self.step % tc.eval_every == 0 and self.step < tc.max_steps:
+                    eval_metrics = self.evaluate()
+                if self.step % tc.checkpoint_every == 0 and self.step < tc.max_steps:
+                    self.save()
+            if progress is not None:
+                progress.close()
+                progress = None
+            self.save()
+            eval_metrics = self.evaluate()
+            return eval_metrics
+        finally:
+            if progress is not None:
+                progress.close()
+            for sig, handler in previous_handlers:
+                signal.signal(sig, handler)
+            self._close_logs()
+
+    def _should_stop(self) -> bool:
+        if self.accelerator.num_processes == 1:
+            return self.stopped_by is not None
+        # Every rank must stop at the same step, so the flag is shared (one tiny all-reduce per step).
+        requested = torch.tensor(float(self.stopped_by is not None), device=self.accelerator.device)
+        if self.accelerator.reduce(requested, reduction="sum").item() == 0:
+            return False
+        self.stopped_by = self.stopped_by or "a stop signal on another rank"
+        return True
+
+    def _reduce_interval(self, interval: dict[str, torch.Tensor], steps: int) -> dict[str, float]:
+        keys = sorted(interval)
+        if not keys:
+            return {}
+        stacked = torch.stack([torch.as_tensor(interval[k], device=self.accelerator.device).float() for k in keys])
+        stacked = stacked / steps
+        if self.accelerator.num_processes > 1:
+            stacked = self.accelerator.reduce(stacked, reduction="mean")
+        return dict(zip(keys, stacked.tolist()))
+
+    def _skipped_total(self) -> int:
+        local = torch.tensor(
+            float(sum(s.skipped for s in self.streams.values())), device=self.accelerator.device
+        )
+        if self.accelerator.num_processes > 1:
+            local = self.accelerator.reduce(local, reduction="sum")
+        return int(local.item())
+
+
+def train(config: Config, output_dir: str | Path | None = None, resume: bool = False) -> dict[str, float]:
+    """Build a :class:`Trainer` and run it; returns the final evaluation metrics."""
+    return Trainer(config, output_dir=output_dir, resume=resume).fit()
