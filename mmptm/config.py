@@ -217,6 +217,9 @@ def import_modules(modules: list[str]) -> None:
         if path.suffix == ".py":
             if not path.is_file():
                 raise ConfigError(f"import '{module}': file not found")
+            already = sys.modules.get(path.stem)
+            if already is not None and Path(getattr(already, "__file__", "") or "").resolve() == path.resolve():
+                continue
             spec = importlib.util.spec_from_file_location(path.stem, path)
             assert spec is not None and spec.loader is not None
             loaded = importlib.util.module_from_spec(spec)
@@ -229,6 +232,10 @@ def import_modules(modules: list[str]) -> None:
             importlib.import_module(module)
         except ModuleNotFoundError as err:
             raise ConfigError(f"import '{module}': {err}") from None
+
+
+def _absolute_if_file(module: str) -> str:
+    return str(Path(module).resolve()) if module.endswith(".py") else module
 
 
 def load_config(
@@ -271,7 +278,11 @@ def load_config(
     if override_list:
         where = f"{where} (with overrides {' '.join(override_list)})"
 
-    import_modules(list(imports or []) + list(tree.get("imports") or []))
+    # Imports given on the command line are recorded in the config, so that a
+    # checkpoint's config.yaml rebuilds a model made of user components.
+    all_imports = [_absolute_if_file(m) for m in [*(imports or []), *(tree.get("imports") or [])]]
+    tree["imports"] = list(dict.fromkeys(all_imports))
+    import_modules(tree["imports"])
     try:
         config = Config.model_validate(tree)
     except ValidationError as err:

@@ -1,0 +1,21 @@
+"""Encoders (modality towers) and the models assembled from them.
+
+Importing this package registers the built-in components: the ``vit``, ``timm``
+and ``text_transformer`` encoders and the ``clip`` model.
+"""
+
+from mmptm.encoders.clip import CLIP
+from mmptm.encoders.layers import Attention, Mlp, ResidualAttentionBlock, Transformer
+from mmptm.encoders.text import TextTransformer
+from mmptm.encoders.vision import TimmVisionTower, VisionTransformer
+
+__all__ = [
+    "CLIP",
+    "Attention",
+    "Mlp",
+    "ResidualAttentionBlock",
+    "TextTransformer",
+    "TimmVisionTower",
+    "Transformer",
+    "VisionTransformer",
+]
