@@ -61,7 +61,9 @@ class TrainConfig(_Section):
     eps: float = Field(1e-6, gt=0)
     warmup_steps: int = Field(100, ge=0)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "fp32", description="auto: bf16 on a GPU that supports it, else fp32 (bf16 is emulated, slowly, on most CPUs)"
+    )
     grad_accum_steps: int = Field(1, gt=0)
     grad_clip: float | None = Field(1.0, gt=0)
     grad_checkpointing: bool = False

@@ -36,8 +36,13 @@ def test_bundled_configs_validate():
 def test_overrides_apply_and_coerce():
     config = load_config(
         "clip_tiny.yaml",
-        ["train.max_steps=3", "train.lr=2e-4", "data.train.batch_size=16", "objectives.0.weight=0.5",
-         "model.vision.layers=1"],
+        [
+            "train.max_steps=3",
+            "train.lr=2e-4",
+            "data.train.batch_size=16",
+            "objectives.0.weight=0.5",
+            "model.vision.layers=1",
+        ],
     )
     assert config.train.max_steps == 3
     assert config.train.lr == pytest.approx(2e-4)  # YAML reads 2e-4 as a string; the schema coerces it
@@ -107,9 +112,19 @@ def test_config_round_trips_through_yaml():
 def test_cli_misspelled_key_fails_fast_with_suggestion(tmp_path):
     start = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "mmptm.cli", "train", "clip_tiny.yaml", "train.max_step=2", "--output-dir",
-         str(tmp_path / "run")],
-        capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "mmptm.cli",
+            "train",
+            "clip_tiny.yaml",
+            "train.max_step=2",
+            "--output-dir",
+            str(tmp_path / "run"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     elapsed = time.monotonic() - start
     assert result.returncode == 2

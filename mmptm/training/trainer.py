@@ -106,10 +106,14 @@ class Trainer:
         tc = config.train
         self.output_dir = Path(output_dir or tc.output_dir or Path("runs") / config.name)
         self.resume = resume
-        if tc.precision == "fp16" and (tc.cpu or not torch.cuda.is_available()):
+        on_gpu = torch.cuda.is_available() and not tc.cpu
+        if tc.precision == "fp16" and not on_gpu:
             raise ValueError("train.precision=fp16 needs a GPU (loss scaling is CUDA-only); use bf16 on the CPU")
+        self.precision = tc.precision
+        if tc.precision == "auto":
+            self.precision = "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "fp32"
         self.accelerator = Accelerator(
-            mixed_precision="no" if tc.precision == "fp32" else tc.precision,
+            mixed_precision="no" if self.precision == "fp32" else self.precision,
             cpu=tc.cpu,
             step_scheduler_with_optimizer=False,
         )
