@@ -86,7 +86,7 @@ class PulseTrainStream:
         for _ in range(self.batches_per_epoch):
             counts = torch.randint(1, 10, (self.batch_size,), generator=generator)
             templates = torch.randint(len(TEMPLATES), (self.batch_size,), generator=generator)
-            captions = [TEMPLATES[t].format(num2words(int(c))) for c, t in zip(counts, templates)]
+            captions = [TEMPLATES[t].format(num2words(int(c))) for c, t in zip(counts, templates, strict=True)]
             yield {
                 "signal": torch.stack([self.signal(int(c), generator) for c in counts]),
                 "text": self.context.tokenizer(captions),

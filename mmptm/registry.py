@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from typing import Annotated, Any, Callable, Iterable, Mapping, TypeVar
+from collections.abc import Callable, Iterable, Mapping
+from typing import Annotated, Any, TypeVar
 
 T = TypeVar("T", bound=Callable[..., Any])
 
@@ -103,7 +104,7 @@ def accepted_parameters(obj: Callable[..., Any]) -> dict[str, inspect.Parameter]
     }
 
 
-def build(registry: "Registry", spec: Mapping[str, Any], **context: Any) -> Any:
+def build(registry: Registry, spec: Mapping[str, Any], **context: Any) -> Any:
     """Build the component named by ``spec["name"]`` with the other keys as options.
 
     ``context`` holds run-time values (``embed_dim``, ``vocab_size``, a data

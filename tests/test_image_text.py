@@ -252,9 +252,11 @@ def test_skip_counts_ride_on_batches_and_a_final_empty_marker(tmp_path):
     bad_samples_shard(tmp_path / "bad.tar")
     batches = list(image_text(make_context(), str(tmp_path), batch_size=2, num_workers=0))
     assert [(len(b.get("key", [])), b["skipped"]) for b in batches] == [(2, 1), (1, 1)]
-    write_raw_shard(tmp_path / "bad.tar", [{"png": b"nope", "txt": b"x"}, {"txt": b"no image"}])
+    shard = str(tmp_path / "bad.tar")
+    assert [b["skipped_keys"] for b in batches] == [[f"{shard}#000001"], [f"{shard}#000003"]]
+    keys = write_raw_shard(tmp_path / "bad.tar", [{"png": b"nope", "txt": b"x"}, {"txt": b"no image"}])
     batches = list(image_text(make_context(), str(tmp_path), batch_size=2, num_workers=0))
-    assert batches == [{"empty": True, "skipped": 2}]
+    assert batches == [{"empty": True, "skipped": 2, "skipped_keys": [f"{shard}#{key}" for key in keys]}]
 
 
 def test_damaged_shards_are_counted_once_and_reading_goes_on(tmp_path, caplog):

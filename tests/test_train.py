@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -116,32 +117,99 @@ def test_sigkill_then_resume_continues_from_checkpoint(tmp_path, demo):
     assert latest_checkpoint(run).name == f"step_{step + 2:08d}"
 
 
-def test_sigterm_writes_checkpoint_and_exits_cleanly(tmp_path, demo):
+@pytest.mark.parametrize("whole_group", [False, True], ids=["trainer", "process-group"])
+def test_sigterm_writes_checkpoint_and_exits_cleanly(tmp_path, demo, whole_group):
+    """SIGTERM to the trainer, or (as schedulers do) to its whole process group, DataLoader workers included.
+
+    The group variant evaluates after every step with worker processes, so the
+    signal also tends to land during evaluation, which must then be abandoned.
+    """
     run = tmp_path / "run"
+    variant = (
+        ["data.train.num_workers=2", "eval.zeroshot.num_workers=2", "eval.zeroshot.batch_size=16",
+         "train.eval_every=1"]
+        if whole_group
+        else ["eval.zeroshot=null"]
+    )
     proc = run_cli(
         [
             "train",
             "clip_tiny.yaml",
             *TINY,
+            *variant,
             "train.max_steps=100000",
             "train.checkpoint_every=100000",
-            "eval.zeroshot=null",
             "--output-dir",
             str(run),
-        ]
+        ],
+        start_new_session=True,
     )
     deadline = time.monotonic() + 120
     while not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text().strip():
         assert proc.poll() is None, proc.stdout.read()
         assert time.monotonic() < deadline
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    if whole_group:
+        time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, output
     assert "stopped by SIGTERM" in output
     checkpoint = latest_checkpoint(run)
     assert checkpoint is not None and int(checkpoint.name.split("_")[1]) >= 1
     assert (checkpoint / "training_state" / "optimizer.pt").is_file()
+
+
+def write_shard_with_two_bad_samples(path: Path) -> None:
+    """30 good captioned PNGs, one corrupt PNG and one image with no caption."""
+    from PIL import Image
+
+    from mmptm.data_pipelines.shards import open_tar_writer
+
+    def png(i: int) -> bytes:
+        buffer = io.BytesIO()
+        Image.new("RGB", (12, 12), (i * 8, 255 - i * 8, 0)).save(buffer, format="png")
+        return buffer.getvalue()
+
+    samples = [{"png": png(i), "txt": f"a handwritten {i % 10}".encode()} for i in range(30)]
+    samples.insert(7, {"png": b"\x89PNG\r\n\x1a\n this is not an image", "txt": b"a handwritten zero"})
+    samples.insert(19, {"png": png(99)})
+    with open(path, "wb") as stream, open_tar_writer(stream) as tar:
+        for i, sample in enumerate(samples):
+            tar.write({"__key__": f"{i:06d}", **sample})
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_bad_samples_are_counted_once_across_epochs_and_resumes(tmp_path, demo, num_workers):
+    (tmp_path / "shards").mkdir()
+    write_shard_with_two_bad_samples(tmp_path / "shards" / "00000.tar")
+    run = tmp_path / "run"
+    overrides = [
+        *TINY,
+        f"data.train.shards={tmp_path / 'shards'}",
+        "data.train.resample=false",
+        "data.train.epoch_samples=null",
+        "data.train.batch_size=8",
+        f"data.train.num_workers={num_workers}",
+        "train.checkpoint_every=6",
+        "eval.zeroshot=null",
+    ]
+    # 30 good samples make 3 batches of 8 per epoch (drop_last): 9 steps read the shard 3 times.
+    mmptm.train(mmptm.load_config("clip_tiny.yaml", [*overrides, "train.max_steps=9"]), output_dir=run)
+    records = [r for r in read_metrics(run) if "data/skipped_samples" in r]
+    assert [r["data/skipped_samples"] for r in records][-1] == 2
+    state = json.loads((latest_checkpoint(run) / "training_state" / "state.json").read_text())
+    assert state["data"]["train"]["skipped"] == 2
+    assert len(state["data"]["train"]["skipped_ids"]) == 2
+    assert {i.rsplit("#", 1)[1] for i in state["data"]["train"]["skipped_ids"]} == {"000007", "000019"}
+
+    # Resumed, the same bad samples are not counted again.
+    mmptm.train(mmptm.load_config("clip_tiny.yaml", [*overrides, "train.max_steps=15"]), output_dir=run,
+                resume=True)
+    records = [r for r in read_metrics(run) if "data/skipped_samples" in r]
+    assert records[-1]["step"] == 15 and records[-1]["data/skipped_samples"] == 2
 
 
 def test_custom_encoder_example_trains(tmp_path):
@@ -172,3 +240,15 @@ def test_fp16_on_cpu_is_rejected_with_advice(demo):
     config = mmptm.load_config("clip_tiny.yaml", [*TINY, "train.precision=fp16", "train.cpu=true"])
     with pytest.raises(ValueError, match="bf16"):
         mmptm.train(config, output_dir=None)
+
+
+def test_a_stop_signal_during_evaluation_abandons_it(tmp_path, demo):
+    from mmptm.training.trainer import Trainer
+
+    trainer = Trainer(mmptm.load_config("clip_tiny.yaml", TINY), output_dir=tmp_path)
+    trainer._open_logs()
+    assert "eval/zeroshot_top1/fr" in trainer.evaluate()
+    trainer.stopped_by = "SIGTERM"
+    assert trainer.evaluate() == {}
+    trainer._close_logs()
+    assert sum("eval/zeroshot_top1" in r for r in read_metrics(tmp_path)) == 1

@@ -27,3 +27,19 @@ class DataContext:
     seed: int = 0
     rank: int = 0
     world_size: int = 1
+
+
+def data_worker_init(worker_id: int) -> None:  # noqa: ARG001 (DataLoader's worker_init_fn signature)
+    """``worker_init_fn`` for every mmptm DataLoader: leave stop signals to the training process.
+
+    Schedulers (SLURM, Kubernetes, ``kill -TERM -<pgid>``) send SIGTERM to every
+    process of a job. A DataLoader worker that died of it would make the loader
+    raise in the trainer before it could write its checkpoint; ignoring the
+    signal here lets the trainer finish its step, checkpoint and shut the
+    workers down itself (a worker also exits on its own when its parent is gone).
+    """
+    import signal
+
+    for name in ("SIGTERM", "SIGUSR1"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)

@@ -9,7 +9,10 @@ resampled) → tar reading → [sample split] → shuffle buffer → decode → 
 Bad input never stops it: a damaged shard, an undecodable image, caption,
 json or label, or a missing part becomes a ``_Skip`` item that the batcher
 counts and logs on ``logging.getLogger("mmptm.data")``; every batch carries
-the number of samples skipped since the worker's previous batch.
+the number of samples skipped since the worker's previous batch and their ids
+(``skipped_keys``: ``"<shard url>#<key>"``, or ``"<shard url>#<damaged>"`` for
+an unreadable region), so that a consumer can count distinct bad samples
+across epochs.
 
 A limit of Python's ``tarfile``: a corrupt header in the middle of a shard ends
 that shard quietly, so the samples after it are neither read nor counted (a
@@ -37,7 +40,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from mmptm.data_pipelines.context import DataContext
+from mmptm.data_pipelines.context import DataContext, data_worker_init
 from mmptm.data_pipelines.shards import IMAGE_EXTENSIONS
 from mmptm.data_pipelines.transforms import image_transform
 from mmptm.registry import register_dataset
@@ -114,6 +117,11 @@ class _Skip:
     url: str
     key: str | None
     reason: str
+
+    @property
+    def id(self) -> str:
+        """``"<shard url>#<key>"``: the same in every epoch, worker and rank."""
+        return f"{self.url}#{self.key if self.key is not None else '<damaged>'}"
 
     def report(self) -> None:
         what = f"sample '{self.key}'" if self.key is not None else "the unreadable rest"
@@ -306,7 +314,7 @@ def _worker_quota(epoch_samples: int, batch_size: int, drop_last: bool, worker: 
 
 
 Batch = dict[str, Any]
-Collate = Callable[[list[dict[str, Any]], int], Batch]
+Collate = Callable[[list[dict[str, Any]], list[str]], Batch]
 
 
 def _batches(
@@ -314,27 +322,28 @@ def _batches(
 ) -> Iterator[Batch]:
     """Group decoded samples into batches, counting and reporting the skipped ones.
 
-    Each batch gets the number of samples skipped since the previous one; a
-    final ``{"empty": True, "skipped": n}`` carries a count still pending at the
-    end (or says that this worker produced no batch), so that totals are exact.
+    Each batch gets the ids of the samples skipped since the previous one; a
+    final ``{"empty": True, "skipped": n, "skipped_keys": [...]}`` carries those
+    still pending at the end (or says that this worker produced no batch), so
+    that totals are exact.
     """
     samples: list[dict[str, Any]] = []
-    skipped = 0
+    skipped: list[str] = []
     produced = False
     for item in items:
         if isinstance(item, _Skip):
             item.report()
-            skipped += 1
+            skipped.append(item.id)
             continue
         samples.append(item)
         if len(samples) == batch_size:
             yield collate(samples, skipped)
-            samples, skipped, produced = [], 0, True
+            samples, skipped, produced = [], [], True
     if samples and not drop_last:
         yield collate(samples, skipped)
-        skipped, produced = 0, True
+        skipped, produced = [], True
     if skipped or not produced:
-        yield {"empty": True, "skipped": skipped}
+        yield {"empty": True, "skipped": len(skipped), "skipped_keys": skipped}
 
 
 class _Collate:
@@ -344,13 +353,14 @@ class _Collate:
         self.tokenizer = tokenizer
         self.with_label = with_label
 
-    def __call__(self, samples: list[dict[str, Any]], skipped: int) -> Batch:
+    def __call__(self, samples: list[dict[str, Any]], skipped_keys: list[str]) -> Batch:
         captions = [s["caption"] for s in samples]
         batch: Batch = {
             "image": torch.stack([s["image"] for s in samples]),
             "caption": captions,
             "key": [s["key"] for s in samples],
-            "skipped": skipped,
+            "skipped": len(skipped_keys),
+            "skipped_keys": skipped_keys,
         }
         if self.tokenizer is not None:
             batch["text"] = self.tokenizer(captions)
@@ -451,7 +461,13 @@ class ImageTextStream:
     def __init__(self, pipeline: _ImageTextPipeline, num_workers: int) -> None:
         self._pipeline = pipeline
         self.shards = pipeline.urls
-        self.loader = DataLoader(pipeline, batch_size=None, num_workers=num_workers, persistent_workers=False)
+        self.loader = DataLoader(
+            pipeline,
+            batch_size=None,
+            num_workers=num_workers,
+            persistent_workers=False,
+            worker_init_fn=data_worker_init,
+        )
         self._next_epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -484,8 +500,10 @@ def image_text(
 
     Batches are ``{"image": [B,3,H,W], "text": [B,L] (context.tokenizer of the
     captions; absent without a tokenizer), "caption": [str], "key": [str],
-    "skipped": int[, "label": [B]]}``, and possibly a last ``{"empty": True,
-    "skipped": n}`` per worker. Bad samples are skipped, counted and logged.
+    "skipped": int, "skipped_keys": [str][, "label": [B]]}``, and possibly a
+    last ``{"empty": True, "skipped": n, "skipped_keys": [...]}`` per worker.
+    Bad samples are skipped, counted and logged; ``skipped_keys`` names them
+    (``"<shard url>#<key>"``, the same in every epoch).
 
     Without ``resample`` one iteration reads every sample once across all
     workers and ranks: shards are split between them; when there are fewer

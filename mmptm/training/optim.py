@@ -49,7 +49,8 @@ def build_optimizer(
     ]
     on_gpu = all(p.is_cuda for p in decay + no_decay)
     # fused kernels where they exist (CUDA); foreach (multi-tensor) on the CPU.
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=on_gpu or None, foreach=None if on_gpu else True)
+    fused, foreach = (True, None) if on_gpu else (None, True)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused, foreach=foreach)
 
 
 def lr_lambda(step: int, *, warmup_steps: int, max_steps: int, schedule: str, min_lr_ratio: float) -> float:

@@ -15,7 +15,7 @@ import math
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,21 +40,48 @@ STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
 
 
 class DataStream:
-    """An endless iterator over a dataset's epochs that tracks its position and skipped samples."""
+    """An endless iterator over a dataset's epochs that tracks its position and skipped samples.
+
+    Batches may carry ``skipped_keys`` (ids of the samples skipped since the
+    previous batch): a bad sample is skipped again in every epoch, so the
+    stream keeps the set of distinct ids, and ``skipped`` counts each bad
+    sample once however long the run is. Batches with only a ``skipped`` count
+    are summed as they come.
+    """
 
     def __init__(self, name: str, dataset: Any, epoch: int = 0) -> None:
         self.name = name
         self.dataset = dataset
         self.epoch = epoch
         self.batches_in_epoch = 0
-        self.skipped = 0
+        self.skipped_ids: set[str] = set()
+        self.new_skipped_ids: list[str] = []  # seen here since the last exchange between ranks
+        self.skipped_uncounted = 0  # skips reported without ids
         self._iterator: Iterator[dict[str, Any]] | None = None
+
+    @property
+    def skipped(self) -> int:
+        return len(self.skipped_ids) + self.skipped_uncounted
 
     def _start_epoch(self) -> None:
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(self.epoch)
         self._iterator = iter(self.dataset)
         self.batches_in_epoch = 0
+
+    def _count_skips(self, batch: dict[str, Any]) -> None:
+        ids = batch.get("skipped_keys")
+        if ids is None:
+            self.skipped_uncounted += int(batch.get("skipped", 0))
+            return
+        for sample_id in ids:
+            if sample_id not in self.skipped_ids:
+                self.skipped_ids.add(sample_id)
+                self.new_skipped_ids.append(sample_id)
+
+    def merge_skipped(self, ids: list[str]) -> None:
+        """Add the skipped ids other ranks saw."""
+        self.skipped_ids.update(ids)
 
     def next_batch(self) -> dict[str, Any]:
         empty_epochs = 0
@@ -74,14 +101,31 @@ class DataStream:
                 self.epoch += 1
                 self._iterator = None
                 continue
-            self.skipped += int(batch.get("skipped", 0))
+            self._count_skips(batch)
             if batch.get("empty"):
                 continue
             self.batches_in_epoch += 1
             return batch
 
-    def position(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch, "skipped": self.skipped}
+    def position(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "batches_in_epoch": self.batches_in_epoch,
+            "skipped": self.skipped,
+            "skipped_ids": sorted(self.skipped_ids),
+            "skipped_uncounted": self.skipped_uncounted,
+        }
+
+    def restore(self, position: dict[str, Any], main: bool = True) -> None:
+        """Continue from a saved :meth:`position` (``main``: the rank that keeps the id-less skip count)."""
+        # Resume in a fresh epoch so the interrupted epoch's batches are not replayed in the same order.
+        self.epoch = position["epoch"] + 1
+        self.skipped_ids = set(position.get("skipped_ids", []))
+        self.skipped_uncounted = position.get("skipped_uncounted", 0) if main else 0
+
+
+class _EvaluationInterrupted(Exception):
+    """A stop signal arrived while evaluating."""
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -201,9 +245,7 @@ class Trainer:
         self.samples_seen = state.get("samples_seen", 0)
         for name, position in state.get("data", {}).items():
             if name in self.streams:
-                # Resume in a fresh epoch so the interrupted epoch's batches are not replayed in the same order.
-                self.streams[name].epoch = position["epoch"] + 1
-                self.streams[name].skipped = position.get("skipped", 0)
+                self.streams[name].restore(position, main=self.is_main)
         logger.info("resumed from %s at step %d", checkpoint, self.step)
 
     # ------------------------------------------------------------------ logging
@@ -244,11 +286,17 @@ class Trainer:
     def save(self) -> Path | None:
         """Write a resumable checkpoint of the current step (main process), then sync every rank."""
         path = None
+        uncounted = self._exchange_skipped()  # every rank's skipped ids, gathered onto each rank
         if self.is_main:
-            state = {
-                "samples_seen": self.samples_seen,
-                "data": {name: stream.position() for name, stream in self.streams.items()},
+            data = {
+                name: {
+                    **stream.position(),
+                    "skipped": len(stream.skipped_ids) + uncounted[name],
+                    "skipped_uncounted": uncounted[name],
+                }
+                for name, stream in self.streams.items()
             }
+            state = {"samples_seen": self.samples_seen, "data": data}
             optimizer = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
             path = save_checkpoint(
                 self.output_dir,
@@ -266,7 +314,11 @@ class Trainer:
         return path
 
     def evaluate(self) -> dict[str, float]:
-        """Zero-shot classification on the eval stream, every prompt language (main process)."""
+        """Zero-shot classification on the eval stream, every prompt language (main process).
+
+        A stop signal during evaluation abandons it (nothing is logged) so that
+        the caller can checkpoint at once.
+        """
         zs = self.config.eval.zeroshot
         metrics: dict[str, float] = {}
         if zs is not None and self.is_main:
@@ -283,30 +335,44 @@ class Trainer:
             )
             classnames = load_prompt_file(resolve(zs.classnames), "classnames")
             templates = load_prompt_file(resolve(zs.templates), "templates")
-            results = zeroshot_classification(
-                self.accelerator.unwrap_model(self.model),
-                self.tokenizer,
-                stream,
-                classnames,
-                templates,
-                device=self.accelerator.device,
-                languages=zs.languages,
-                autocast=self.accelerator.autocast,
-            )
-            skipped = results.pop("_stream")["skipped"]
-            primary = zs.primary_language if zs.primary_language in results else next(iter(results))
-            metrics = {
-                "eval/zeroshot_top1": results[primary]["top1"],
-                "eval/zeroshot_top5": results[primary]["top5"],
-                "eval/zeroshot_mean_per_class_recall": results[primary]["mean_per_class_recall"],
-                "eval/num_images": results[primary]["num_images"],
-                "eval/skipped_samples": skipped,
-            }
-            for lang, result in results.items():
-                metrics[f"eval/zeroshot_top1/{lang}"] = result["top1"]
-            self._log(metrics)
+            try:
+                results = zeroshot_classification(
+                    self.accelerator.unwrap_model(self.model),
+                    self.tokenizer,
+                    self._until_stopped(stream),
+                    classnames,
+                    templates,
+                    device=self.accelerator.device,
+                    languages=zs.languages,
+                    autocast=self.accelerator.autocast,
+                )
+            except _EvaluationInterrupted:
+                logger.warning("received %s during evaluation at step %d: evaluation abandoned",
+                               self.stopped_by, self.step)
+                results = None
+            if results is not None:
+                skipped = results.pop("_stream")["skipped"]
+                primary = zs.primary_language if zs.primary_language in results else next(iter(results))
+                metrics = {
+                    "eval/zeroshot_top1": results[primary]["top1"],
+                    "eval/zeroshot_top5": results[primary]["top5"],
+                    "eval/zeroshot_mean_per_class_recall": results[primary]["mean_per_class_recall"],
+                    "eval/num_images": results[primary]["num_images"],
+                    "eval/skipped_samples": skipped,
+                }
+                for lang, result in results.items():
+                    metrics[f"eval/zeroshot_top1/{lang}"] = result["top1"]
+                self._log(metrics)
         self.accelerator.wait_for_everyone()
         return metrics
+
+    def _until_stopped(self, batches: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for batch in batches:
+            if self.stopped_by is not None:
+                raise _EvaluationInterrupted
+            yield batch
+        if self.stopped_by is not None:
+            raise _EvaluationInterrupted
 
     # ------------------------------------------------------------------ the loop
 
@@ -321,7 +387,7 @@ class Trainer:
             with sync:
                 loss = torch.zeros((), device=self.accelerator.device)
                 for objective, weight, stream, spec in zip(
-                    self.objectives, self.weights, self.stream_of, self.config.objectives
+                    self.objectives, self.weights, self.stream_of, self.config.objectives, strict=True
                 ):
                     batch = _to_device(self.streams[stream].next_batch(), self.accelerator.device)
                     samples += _batch_size(batch)
@@ -390,15 +456,17 @@ class Trainer:
                     if not math.isfinite(metrics["train/loss"]):
                         raise FloatingPointError(f"loss is {metrics['train/loss']} at step {self.step}")
 
-                if self._should_stop():
+                stop = self._should_stop()
+                if not stop and tc.eval_every and self.step % tc.eval_every == 0 and self.step < tc.max_steps:
+                    eval_metrics = self.evaluate()
+                    stop = self._should_stop()  # a signal during evaluation abandons it
+                if stop:
                     if progress is not None:
                         progress.close()
                         progress = None
                     logger.warning("received %s: checkpointing step %d and exiting", self.stopped_by, self.step)
                     self.save()
                     return {}
-                if tc.eval_every and self.step % tc.eval_every == 0 and self.step < tc.max_steps:
-                    eval_metrics = self.evaluate()
                 if self.step % tc.checkpoint_every == 0 and self.step < tc.max_steps:
                     self.save()
             if progress is not None:
@@ -432,15 +500,29 @@ class Trainer:
         stacked = stacked / steps
         if self.accelerator.num_processes > 1:
             stacked = self.accelerator.reduce(stacked, reduction="mean")
-        return dict(zip(keys, stacked.tolist()))
+        return dict(zip(keys, stacked.tolist(), strict=True))
 
     def _skipped_total(self) -> int:
-        local = torch.tensor(
-            float(sum(s.skipped for s in self.streams.values())), device=self.accelerator.device
-        )
+        """Distinct samples skipped so far by every stream of every rank (a collective: all ranks call it)."""
+        uncounted = self._exchange_skipped()
+        return sum(len(stream.skipped_ids) + uncounted[name] for name, stream in self.streams.items())
+
+    def _exchange_skipped(self) -> dict[str, int]:
+        """Merge every rank's new skipped ids into each rank's streams; return the id-less skips per stream."""
+        streams = self.streams
+        uncounted = {name: stream.skipped_uncounted for name, stream in streams.items()}
         if self.accelerator.num_processes > 1:
-            local = self.accelerator.reduce(local, reduction="sum")
-        return int(local.item())
+            from accelerate.utils import gather_object
+
+            for rank_new in gather_object([{name: s.new_skipped_ids for name, s in streams.items()}]):
+                for name, ids in rank_new.items():
+                    streams[name].merge_skipped(ids)
+            local = torch.tensor([float(uncounted[name]) for name in streams], device=self.accelerator.device)
+            total = self.accelerator.reduce(local, reduction="sum").tolist()
+            uncounted = {name: int(n) for name, n in zip(streams, total, strict=True)}
+        for stream in streams.values():
+            stream.new_skipped_ids = []
+        return uncounted
 
 
 def train(config: Config, output_dir: str | Path | None = None, resume: bool = False) -> dict[str, float]:
