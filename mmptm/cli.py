@@ -99,21 +99,21 @@ def _data_demo(args: argparse.Namespace) -> int:
     from mmptm.data_pipelines.demo import ensure_demo
 
     paths = ensure_demo(root=Path(args.root) if args.root else None, seed=args.seed, force=args.force)
-    print(
-        json.dumps(
-            {
-                "root": str(paths.root),
-                "train_shards": paths.train_shards,
-                "val_shards": paths.val_shards,
-                "tokenizer": str(paths.tokenizer),
-                "num_train": paths.num_train,
-                "num_val": paths.num_val,
-                "languages": list(paths.languages),
-            },
-            indent=2,
-        )
+    _print_json(
+        root=str(paths.root),
+        train_shards=paths.train_shards,
+        val_shards=paths.val_shards,
+        tokenizer=str(paths.tokenizer),
+        num_train=paths.num_train,
+        num_val=paths.num_val,
+        languages=list(paths.languages),
     )
     return 0
+
+
+def _print_json(**fields: object) -> None:
+    """A command's result: one JSON object on stdout."""
+    print(json.dumps(fields, indent=2))
 
 
 def _data_shards(args: argparse.Namespace) -> int:
@@ -128,16 +128,11 @@ def _data_shards(args: argparse.Namespace) -> int:
         resize=args.resize,
         max_samples=args.max_samples,
     )
-    print(
-        json.dumps(
-            {
-                "num_samples": stats.num_samples,
-                "num_skipped": stats.num_skipped,
-                "shards": [str(s) for s in stats.shards],
-                "skipped_reasons": stats.skipped_reasons,
-            },
-            indent=2,
-        )
+    _print_json(
+        num_samples=stats.num_samples,
+        num_skipped=stats.num_skipped,
+        shards=[str(s) for s in stats.shards],
+        skipped_reasons=stats.skipped_reasons,
     )
     return 0
 

@@ -170,26 +170,22 @@ def test_drop_last_defaults_to_training(shard_dir):
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_resampled_epoch_has_epoch_samples(shard_dir, all_keys, num_workers):
-    exact = image_text(
-        make_context(training=True),
-        str(shard_dir),
-        batch_size=4,
-        num_workers=num_workers,
-        resample=True,
-        epoch_samples=30,
-        drop_last=False,
-    )
+    def resampled(**options):
+        return image_text(
+            make_context(training=True),
+            str(shard_dir),
+            batch_size=4,
+            num_workers=num_workers,
+            resample=True,
+            epoch_samples=30,
+            **options,
+        )
+
+    exact = resampled(drop_last=False)
     for _ in range(2):
         keys, skipped, _ = read_epoch(exact)
         assert len(keys) == 30 and set(keys) <= all_keys and skipped == 0
-    whole_batches = image_text(
-        make_context(training=True),
-        str(shard_dir),
-        batch_size=4,
-        num_workers=num_workers,
-        resample=True,
-        epoch_samples=30,
-    )
+    whole_batches = resampled()
     assert len(read_epoch(whole_batches)[0]) == 32  # with drop_last: rounded up to whole batches
 
 

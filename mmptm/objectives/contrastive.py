@@ -102,6 +102,17 @@ def clip_contrastive_loss(
     return loss, logits_per_image, logits_per_text
 
 
+def encode_pairs(model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Run a dual encoder on a batch of pairs; return open_clip's output dict.
+
+    Args:
+        model: a dual encoder (possibly DDP-wrapped) whose ``visual.input_key``
+            names the batch entry its vision tower reads.
+        batch: ``{<visual.input_key>: images (or another modality), "text": tokens, ...}``.
+    """
+    return model(image=batch[unwrap_model(model).visual.input_key], text=batch["text"])
+
+
 @register_objective("contrastive")
 class ContrastiveLoss(nn.Module):
     """CLIP contrastive image-text loss over the global batch (Radford et al. 2021, sec. 2.3).
@@ -133,18 +144,13 @@ class ContrastiveLoss(nn.Module):
         return self._labels[key]
 
     def forward(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Encode a batch of pairs and score it.
-
-        Args:
-            model: a dual encoder (possibly DDP-wrapped) whose ``visual.input_key``
-                names the batch entry its vision tower reads.
-            batch: ``{<visual.input_key>: images, "text": tokens, ...}``.
+        """Encode a batch of pairs (see :func:`encode_pairs`) and score it.
 
         Returns:
             ``loss`` and the metrics ``logit_scale``, ``i2t_acc`` and ``t2i_acc``
             (top-1 over the logits the loss used), all scalar tensors.
         """
-        out = model(image=batch[unwrap_model(model).visual.input_key], text=batch["text"])
+        out = encode_pairs(model, batch)
         image_features = out["image_features"]
         labels = self.ground_truth(image_features.shape[0], image_features.device)
         loss, logits_per_image, logits_per_text = clip_contrastive_loss(

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmptm.objectives.contrastive import contrastive_labels, retrieval_accuracy
+from mmptm.objectives.contrastive import contrastive_labels, encode_pairs, retrieval_accuracy
 from mmptm.registry import register_objective
-from mmptm.training.distributed import all_gather_with_grad, unwrap_model, world_info
+from mmptm.training.distributed import all_gather_with_grad, world_info
 
 
 def siglip_loss(
@@ -70,12 +70,7 @@ class SigLipLoss(nn.Module):
     """
 
     def forward(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Encode a batch of pairs and score it.
-
-        Args:
-            model: a dual encoder (possibly DDP-wrapped) whose ``visual.input_key``
-                names the batch entry its vision tower reads.
-            batch: ``{<visual.input_key>: images, "text": tokens, ...}``.
+        """Encode a batch of pairs (see :func:`~mmptm.objectives.contrastive.encode_pairs`) and score it.
 
         Returns:
             ``loss`` and the metrics ``logit_scale``, ``logit_bias`` and
@@ -86,7 +81,7 @@ class SigLipLoss(nn.Module):
         Raises:
             ValueError: the model has no ``logit_bias``.
         """
-        out = model(image=batch[unwrap_model(model).visual.input_key], text=batch["text"])
+        out = encode_pairs(model, batch)
         if out.get("logit_bias") is None:
             raise ValueError(
                 "the 'siglip' objective needs a model with a learnable logit bias, but the model's output has "

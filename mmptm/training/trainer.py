@@ -335,11 +335,16 @@ class Trainer:
             )
             classnames = load_prompt_file(resolve(zs.classnames), "classnames")
             templates = load_prompt_file(resolve(zs.templates), "templates")
+            batches: Iterable[dict[str, Any]] = self._until_stopped(stream)
+            if self.config.train.progress_bar:
+                from tqdm.auto import tqdm
+
+                batches = tqdm(batches, desc=f"eval step {self.step}", unit="batch", leave=False, file=sys.stderr)
             try:
                 results = zeroshot_classification(
                     self.accelerator.unwrap_model(self.model),
                     self.tokenizer,
-                    self._until_stopped(stream),
+                    batches,
                     classnames,
                     templates,
                     device=self.accelerator.device,
