@@ -135,16 +135,14 @@ OBJECTIVE_TRAINER_KEYS = {"weight": float, "data": str}
 
 
 def bundled_configs_dir() -> Path:
-    """The folder of bundled recipes: installed as ``mmptm.configs``, or ``configs/`` in a checkout."""
-    try:
-        from importlib.resources import files
+    """The folder of bundled recipes: ``mmptm/configs`` once installed, or ``configs/`` in a checkout.
 
-        installed = Path(str(files("mmptm.configs")))
-        if installed.is_dir():
-            return installed
-    except (ModuleNotFoundError, TypeError):
-        pass
-    return Path(__file__).resolve().parent.parent / "configs"
+    (Not ``importlib.resources.files``: ``mmptm.configs`` has no ``__init__.py``,
+    and for such a namespace package it returns a ``MultiplexedPath``, not a folder.)
+    """
+    package = Path(__file__).resolve().parent
+    installed = package / "configs"
+    return installed if installed.is_dir() else package.parent / "configs"
 
 
 def bundled_config_names() -> list[str]:

@@ -20,6 +20,33 @@ def test_bundled_configs_resolve_by_bare_name(tmp_path, monkeypatch):
     assert resolve_config_path("clip_tiny").name == "clip_tiny.yaml"
 
 
+def test_bundled_configs_resolve_after_a_plain_install(tmp_path):
+    """``pip install .`` (not editable) puts the recipes inside the package; bare names must find them there."""
+    root = Path(__file__).resolve().parent.parent
+    target = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+         "--target", str(target), str(root)],
+        check=True,
+        capture_output=True,
+        cwd=tmp_path,
+    )
+    assert (target / "mmptm" / "configs" / "clip_tiny.yaml").is_file()
+    probe = (
+        "import mmptm, mmptm.config as c; "
+        "print(mmptm.__file__); print(c.resolve_config_path('clip_tiny.yaml').resolve())"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={"PATH": "", "PYTHONPATH": str(target), "PYTHONNOUSERSITE": "1"},
+    ).stdout.split()
+    assert out == [str(target / "mmptm" / "__init__.py"), str(target / "mmptm" / "configs" / "clip_tiny.yaml")]
+
+
 def test_local_file_wins_over_bundled(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "clip_tiny.yaml").write_text("train: {max_steps: 7}\n")
