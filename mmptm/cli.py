@@ -1,4 +1,4 @@
-"""The ``mmptm`` command line: train, data, tokenizer, list."""
+"""The ``mmptm`` command line: train, data, tokenizer, zeroshot, convert, list."""
 
 from __future__ import annotations
 
@@ -6,7 +6,14 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from mmptm.interop.cli import add_convert_parser
+
+if TYPE_CHECKING:
+    from mmptm.data_pipelines.context import DataContext
+    from mmptm.evaluation.common import Autocast
 
 EXAMPLES = """examples:
   mmptm train clip_tiny.yaml                       train the demo CLIP (builds the demo data on first use)
@@ -15,6 +22,10 @@ EXAMPLES = """examples:
   mmptm data demo                                  build the embedded demo dataset
   mmptm data shards images/ shards/                write webdataset shards from a folder, CSV or JSONL
   mmptm tokenizer train corpus.jsonl --output spm.model --vocab-size 32000 --alpha 0.3
+  mmptm zeroshot classify --checkpoint runs/clip_tiny --data demo:val --classnames demo:classnames \
+      --templates demo:templates                   zero-shot accuracy of a checkpoint, as JSON
+  mmptm zeroshot retrieve --checkpoint runs/clip_tiny --data demo:val --language en
+  mmptm convert open_clip ViT-B-32.pt ckpt/ --model ViT-B-32      import OpenCLIP weights (also: hf, to-hf)
   mmptm list                                       registered encoders, models, objectives, datasets, configs
 """
 
@@ -56,7 +67,7 @@ def _train(args: argparse.Namespace) -> int:
         elif "eval/zeroshot_top1" in metrics:
             langs = {k.rsplit("/", 1)[1]: v for k, v in metrics.items() if k.startswith("eval/zeroshot_top1/")}
             print(
-                f"zero-shot top-1 ({config.eval.zeroshot.primary_language}): {metrics['eval/zeroshot_top1']:.4f}  "
+                f"zero-shot top-1 ({trainer.zeroshot_language}): {metrics['eval/zeroshot_top1']:.4f}  "
                 + "  ".join(f"{lang}={acc:.3f}" for lang, acc in langs.items())
             )
     return 0
@@ -177,6 +188,149 @@ def _tokenizer_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type`` for integers >= ``minimum``."""
+
+    def parse(value: str) -> int:
+        number = int(value)
+        if number < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {number}")
+        return number
+
+    return parse
+
+
+def _add_zeroshot(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("zeroshot", help="zero-shot evaluation of a checkpoint: classification, retrieval")
+    zs_sub = p.add_subparsers(dest="zeroshot_command", required=True, metavar="{classify,retrieve}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--checkpoint", required=True, help="an mmptm checkpoint, or a run folder (its latest one)")
+    common.add_argument(
+        "--language",
+        dest="languages",
+        action="append",
+        metavar="LANG",
+        help="language(s) to evaluate, repeatable or comma-separated (default: all in the prompts or captions)",
+    )
+    common.add_argument("--batch-size", type=_int_at_least(1), default=256)
+    common.add_argument(
+        "--num-workers", type=_int_at_least(0), default=2, help="data loader processes (0: in this process)"
+    )
+    common.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast precision")
+    common.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+
+    classify = zs_sub.add_parser(
+        "classify",
+        parents=[common],
+        help="zero-shot classification with prompt ensembling; prints one JSON object",
+        description="Zero-shot classification (Radford et al. 2021): each class is the mean of its normalised "
+        "template embeddings; top-1, top-5 and mean per-class recall as clip_benchmark computes them, for "
+        "the primary language, plus top-1 per language.",
+    )
+    classify.add_argument(
+        "--data",
+        required=True,
+        help="labelled webdataset shards (pattern, folder of *.tar, demo:val) or an image folder with one "
+        "subfolder per class (ImageNet layout)",
+    )
+    classify.add_argument(
+        "--classnames",
+        help="class names: a text file (one per line) or JSON {lang: [...]}; default for an image folder: "
+        "its subfolder names, sorted",
+    )
+    classify.add_argument(
+        "--templates",
+        required=True,
+        help="prompts with {} for the class name: a text file (one per line) or JSON {lang: [...]}",
+    )
+    classify.add_argument("--label-key", default="cls", help="extension of the integer label file in the shards")
+    classify.add_argument(
+        "--primary-language", help="language of the headline metrics (default: en if scored, else the first)"
+    )
+    classify.add_argument("--per-class", action="store_true", help="add the recall of every class")
+    classify.set_defaults(func=_zeroshot_classify)
+
+    retrieve = zs_sub.add_parser(
+        "retrieve",
+        parents=[common],
+        help="zero-shot image-text (or, with --parallel, cross-lingual) retrieval; prints one JSON object",
+        description="Image->text and text->image Recall@1/5/10 on image-text shards; every caption of an image "
+        "(its json captions in the chosen languages, or its txt) counts, as in the COCO/Flickr30k protocol of "
+        "clip_benchmark. With --parallel: Tatoeba-style accuracy@1 of retrieving each sentence's translation, "
+        "both ways, on parallel-text shards ({src, tgt, src_lang, tgt_lang} json).",
+    )
+    retrieve.add_argument("--data", required=True, help="image-text shards, or parallel-text shards with --parallel")
+    retrieve.add_argument("--parallel", action="store_true", help="cross-lingual text->text retrieval")
+    retrieve.set_defaults(func=_zeroshot_retrieve)
+
+
+def _split_languages(values: list[str] | None) -> list[str] | None:
+    """``--language en --language fr,de`` -> ``["en", "fr", "de"]`` (None when not given)."""
+    return [lang for value in values for lang in value.split(",") if lang] if values else None
+
+
+def _load_for_evaluation(args: argparse.Namespace) -> tuple[Any, Any, DataContext, str, Autocast | None]:
+    """The checkpoint's model and tokenizer, its eval data context, the device and the autocast factory."""
+    import torch
+
+    from mmptm.data_pipelines.context import model_data_context
+    from mmptm.evaluation import precision_autocast
+    from mmptm.models import load_pretrained
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    autocast = precision_autocast(args.precision, device)
+    model, tokenizer, _ = load_pretrained(args.checkpoint, device=device)
+    # The dataset's eval transform is load_pretrained's preprocess: built from the same tower attributes.
+    context = model_data_context(model, tokenizer=tokenizer, training=False)
+    return model, tokenizer, context, device, autocast
+
+
+def _zeroshot_classify(args: argparse.Namespace) -> int:
+    from mmptm.evaluation import (
+        classification_stream,
+        load_classnames,
+        load_templates,
+        prompt_languages,
+        zeroshot_classification,
+    )
+
+    languages = _split_languages(args.languages)
+    classnames = load_classnames(args.classnames, args.data)
+    templates = load_templates(args.templates)
+    prompt_languages(classnames, templates, languages, args.primary_language)  # bad prompts fail before any work
+    model, tokenizer, context, device, autocast = _load_for_evaluation(args)
+    stream = classification_stream(args.data, context, args.label_key, args.batch_size, args.num_workers)
+    result = zeroshot_classification(
+        model,
+        tokenizer,
+        stream,
+        classnames,
+        templates,
+        languages=languages,
+        primary_language=args.primary_language,
+        device=device,
+        autocast=autocast,
+        per_class=args.per_class,
+    )
+    _print_json(**result)
+    return 0
+
+
+def _zeroshot_retrieve(args: argparse.Namespace) -> int:
+    from mmptm.evaluation import crosslingual_retrieval, parallel_stream, retrieval_stream, zeroshot_retrieval
+
+    languages = _split_languages(args.languages)
+    model, tokenizer, context, device, autocast = _load_for_evaluation(args)
+    if args.parallel:
+        stream = parallel_stream(args.data, context, args.batch_size, args.num_workers)
+        result = crosslingual_retrieval(model, tokenizer, stream, languages=languages, device=device, autocast=autocast)
+    else:
+        stream = retrieval_stream(args.data, context, languages, args.batch_size, args.num_workers)
+        result = zeroshot_retrieval(model, tokenizer, stream, device=device, autocast=autocast)
+    _print_json(**result)
+    return 0
+
+
 def _add_list(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("list", help="list registered components and bundled configs")
     p.add_argument(
@@ -211,10 +365,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,data,tokenizer,list}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,data,tokenizer,zeroshot,convert,list}")
     _add_train(sub)
     _add_data(sub)
     _add_tokenizer(sub)
+    _add_zeroshot(sub)
+    add_convert_parser(sub)
     _add_list(sub)
     return parser
 
@@ -233,11 +389,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     from mmptm.config import ConfigError
+    from mmptm.evaluation.common import EvaluationError
+    from mmptm.interop.common import ConversionError
     from mmptm.registry import UnknownNameError
 
     try:
         return args.func(args)
-    except (ConfigError, UnknownNameError, FileNotFoundError) as err:
+    except (ConfigError, UnknownNameError, FileNotFoundError, EvaluationError, ConversionError) as err:
         print(f"mmptm: error: {err}", file=sys.stderr)
         return 2
 

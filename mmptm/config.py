@@ -43,7 +43,9 @@ class _Section(BaseModel):
 
 
 class TokenizerConfig(_Section):
-    """The sentencepiece model the text tower reads (``demo:tokenizer`` builds the demo one)."""
+    """The tokenizer the text tower reads: a sentencepiece ``.model`` file (``demo:tokenizer`` builds the
+    demo one) or a folder holding one, or a CLIP BPE folder (``vocab.json`` + ``merges.txt``, as written
+    by ``mmptm convert``)."""
 
     path: str = "demo:tokenizer"
     context_length: int = Field(77, gt=1)
@@ -74,6 +76,11 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(500, gt=0)
     keep_checkpoints: int = Field(3, gt=0)
     output_dir: str | None = Field(None, description="default: runs/<config name>")
+    init_from: str | None = Field(
+        None,
+        description="start from the weights of this checkpoint or run folder (e.g. one made by `mmptm convert`); "
+        "the model section must describe the same architecture; optimizer and step start fresh",
+    )
     progress_bar: bool = True
     tensorboard: bool = True
 
@@ -81,18 +88,28 @@ class TrainConfig(_Section):
 class ZeroShotConfig(_Section):
     """Zero-shot classification with prompt ensembling (Radford et al. 2021, sec 3.1.4)."""
 
-    data: str = "demo:val"
-    classnames: str = "demo:classnames"
+    data: str = Field("demo:val", description="labelled shards, or a folder with one subfolder per class")
+    classnames: str | None = Field("demo:classnames", description="None: an image folder's subfolder names")
     templates: str = "demo:templates"
     label_key: str = "cls"
-    languages: list[str] | None = Field(None, description="None: every language of the classnames file")
-    primary_language: str = "en"
+    languages: list[str] | None = Field(None, description="None: every language of the prompt files")
+    primary_language: str | None = Field(None, description="None: en if scored, else the first language")
+    batch_size: int = Field(256, gt=0)
+    num_workers: int = Field(1, ge=0)
+
+
+class RetrievalConfig(_Section):
+    """Zero-shot image-text retrieval, Recall@1/5/10 both ways; an image's captions all count (COCO protocol)."""
+
+    data: str = "demo:val"
+    languages: list[str] | None = Field(["en"], description="the caption languages to use; None: all")
     batch_size: int = Field(256, gt=0)
     num_workers: int = Field(1, ge=0)
 
 
 class EvalConfig(_Section):
     zeroshot: ZeroShotConfig | None = Field(default_factory=ZeroShotConfig)
+    retrieval: RetrievalConfig | None = None
 
 
 class DistributedConfig(_Section):

@@ -59,7 +59,7 @@ def load_pretrained(path: str | Path, device: str = "cpu") -> Pretrained:
             (its latest checkpoint is used).
         device: where to put the model.
     """
-    from mmptm.data_pipelines.tokenizer import SentencePieceTokenizer
+    from mmptm.data_pipelines.tokenizer import load_tokenizer
     from mmptm.data_pipelines.transforms import image_transform
     from mmptm.training.checkpoint import load_weights, resolve_checkpoint
 
@@ -71,7 +71,7 @@ def load_pretrained(path: str | Path, device: str = "cpu") -> Pretrained:
 
     import_modules(run_config.get("imports") or [])
     context_length = (run_config.get("tokenizer") or {}).get("context_length", 77)
-    tokenizer = SentencePieceTokenizer(checkpoint / "tokenizer.model", context_length=context_length)
+    tokenizer = load_tokenizer(checkpoint, context_length=context_length)
     model = create_model(run_config["model"], tokenizer=tokenizer)
     load_weights(model, checkpoint / "model.safetensors")
     model.to(device).eval()

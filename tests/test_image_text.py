@@ -16,8 +16,9 @@ from PIL import Image
 
 from mmptm.data_pipelines import demo
 from mmptm.data_pipelines.context import DataContext
-from mmptm.data_pipelines.image_text import ImageTextStream, image_text, resolve_shards
+from mmptm.data_pipelines.image_text import image_text
 from mmptm.data_pipelines.shards import open_tar_writer, write_shards
+from mmptm.data_pipelines.streams import ShardStream, resolve_shards
 from mmptm.data_pipelines.transforms import image_transform
 from mmptm.registry import DATASETS, build
 
@@ -90,7 +91,7 @@ def all_keys(shard_dir) -> set[str]:
 
 def test_batches_hold_images_tokens_captions_and_keys(shard_dir):
     stream = image_text(make_context(), str(shard_dir), batch_size=6, num_workers=0)
-    assert isinstance(stream, ImageTextStream) and len(stream.shards) == 5
+    assert isinstance(stream, ShardStream) and len(stream.shards) == 5
     batches = read_epoch(stream)[2]
     assert [len(b["key"]) for b in batches] == [6, 6, 6, 2]  # eval keeps the final partial batch
     batch = batches[0]

@@ -1,3 +1,4 @@
 """Data: webdataset streams, shard writers, tokenizers, transforms, language sampling, demo data."""
 
-from mmptm.data_pipelines import image_text  # noqa: F401  (registers the "image_text" dataset)
+# Imported for their registrations: the "image_text", "image_folder" and "parallel_text" datasets.
+from mmptm.data_pipelines import image_folder, image_text, parallel_text  # noqa: F401

@@ -29,6 +29,24 @@ class DataContext:
     world_size: int = 1
 
 
+def model_data_context(model: Any, **fields: Any) -> DataContext:
+    """A :class:`DataContext` with the image size and normalisation that ``model.visual`` stores.
+
+    Args:
+        model: a model whose vision tower (``model.visual``) may have ``image_size``, ``image_mean``
+            and ``image_std`` (the defaults stand in for what it lacks).
+        fields: the other fields (``tokenizer``, ``training``, ``seed``, ...).
+    """
+    visual = getattr(model, "visual", None)
+    defaults = DataContext()
+    return DataContext(
+        image_size=getattr(visual, "image_size", defaults.image_size),
+        image_mean=tuple(getattr(visual, "image_mean", defaults.image_mean)),
+        image_std=tuple(getattr(visual, "image_std", defaults.image_std)),
+        **fields,
+    )
+
+
 def data_worker_init(worker_id: int) -> None:  # noqa: ARG001 (DataLoader's worker_init_fn signature)
     """``worker_init_fn`` for every mmptm DataLoader: leave stop signals to the training process.
 

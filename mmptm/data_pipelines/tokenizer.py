@@ -1,4 +1,4 @@
-"""The sentencepiece tokenizer of mmptm text towers, and how to train one.
+"""The sentencepiece tokenizer of mmptm text towers, how to train one, and how to load any tokenizer.
 
 Models are unigram (Kudo 2018) or BPE sentencepiece models (Kudo & Richardson
 2018) with byte fallback, so no text maps to ``<unk>``. Ids are fixed at
@@ -9,6 +9,10 @@ the ``eos`` position.
 
 Multilingual training corpora are re-balanced with temperature-based language
 sampling (:mod:`mmptm.data_pipelines.language_sampling`).
+
+Models imported from OpenCLIP or Hugging Face keep their own tokenizer
+(:class:`~mmptm.data_pipelines.clip_bpe.ClipBPETokenizer`); :func:`load_tokenizer`
+opens either kind from the files a checkpoint stores (:data:`TOKENIZER_FILES`).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import os
 import tarfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import sentencepiece as spm
@@ -27,8 +31,15 @@ import torch
 
 from mmptm.data_pipelines.language_sampling import sample_by_language
 
+if TYPE_CHECKING:
+    from mmptm.data_pipelines.clip_bpe import ClipBPETokenizer
+
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 MODEL_FILENAME = "tokenizer.model"
+# A CLIP byte-level BPE tokenizer, in the layout of Hugging Face's CLIPTokenizer.
+VOCAB_FILENAME, MERGES_FILENAME = "vocab.json", "merges.txt"
+# Every file a tokenizer's `save` may write into a checkpoint directory.
+TOKENIZER_FILES = (MODEL_FILENAME, VOCAB_FILENAME, MERGES_FILENAME)
 # Sentences whose language is unknown (a plain text list, a record without one).
 UNKNOWN_LANGUAGE = "und"
 
@@ -49,7 +60,7 @@ class SentencePieceTokenizer:
         self._path = Path(path)
         if not self._path.is_file():
             raise FileNotFoundError(f"sentencepiece model '{self._path}' not found")
-        self.context_length = _check_context_length(context_length)
+        self.context_length = check_context_length(context_length)
         self._load(self._path.read_bytes())
 
     def _load(self, proto: bytes) -> None:
@@ -126,12 +137,8 @@ class SentencePieceTokenizer:
         Returns:
             The normalised text.
         """
-        if isinstance(ids, torch.Tensor):
-            if ids.dim() != 1:
-                raise ValueError(f"decode takes one sequence (a 1-D tensor), got shape {tuple(ids.shape)}")
-            ids = ids.tolist()
         special = {self.pad_id, self.bos_id, self.eos_id}
-        return self._sp.decode([int(i) for i in ids if int(i) not in special])
+        return self._sp.decode([i for i in as_id_list(ids) if i not in special])
 
     def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> torch.Tensor:
         """Token ids of a batch of texts.
@@ -146,12 +153,8 @@ class SentencePieceTokenizer:
         """
         if isinstance(texts, str):
             texts = [texts]
-        length = self.context_length if context_length is None else _check_context_length(context_length)
-        tokens = torch.full((len(texts), length), self.pad_id, dtype=torch.long)
-        for row, pieces in enumerate(self._sp.encode(list(texts))):
-            ids = [self.bos_id, *pieces[: length - 2], self.eos_id]
-            tokens[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        return tokens
+        length = self.context_length if context_length is None else check_context_length(context_length)
+        return pack_rows(self._sp.encode(list(texts)), length, self.bos_id, self.eos_id, self.pad_id)
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Copy the model file into ``directory`` as ``tokenizer.model``.
@@ -254,10 +257,101 @@ class SentencePieceTokenizer:
         return output_path
 
 
-def _check_context_length(context_length: int) -> int:
+def check_context_length(context_length: int) -> int:
+    """``context_length`` itself, once checked to hold at least bos and eos.
+
+    Raises:
+        ValueError: ``context_length < 2``.
+    """
     if context_length < 2:
         raise ValueError(f"context_length must be >= 2 to hold bos and eos, got {context_length}")
     return context_length
+
+
+def pack_rows(sequences: Iterable[Sequence[int]], length: int, bos_id: int, eos_id: int, pad_id: int) -> torch.Tensor:
+    """The batch layout of every mmptm tokenizer (open_clip's): ``bos + ids + eos``, right-padded.
+
+    Args:
+        sequences: the ids of each text, without bos/eos.
+        length: row length; ids are truncated to ``length - 2`` so that eos is always kept.
+        bos_id / eos_id / pad_id: the special ids.
+
+    Returns:
+        ``LongTensor[len(sequences), length]``.
+    """
+    rows = [[bos_id, *ids[: length - 2], eos_id] for ids in sequences]
+    tokens = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    for index, row in enumerate(rows):
+        tokens[index, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return tokens
+
+
+def as_id_list(ids: Sequence[int] | torch.Tensor) -> list[int]:
+    """One id sequence, a list or a 1-D tensor, as a list of ints (what the ``decode`` methods take).
+
+    Raises:
+        ValueError: a tensor that is not 1-D.
+    """
+    if isinstance(ids, torch.Tensor):
+        if ids.dim() != 1:
+            raise ValueError(f"decode takes one sequence (a 1-D tensor), got shape {tuple(ids.shape)}")
+        return ids.tolist()
+    return [int(i) for i in ids]
+
+
+def load_tokenizer(
+    directory_or_file: str | os.PathLike, context_length: int = 77
+) -> SentencePieceTokenizer | ClipBPETokenizer:
+    """Open the tokenizer stored in a checkpoint directory or file, whichever kind it is.
+
+    Accepted layouts:
+
+    - a sentencepiece model: a ``.model`` file, or a directory holding ``tokenizer.model``
+      (what :meth:`SentencePieceTokenizer.save` writes) -> :class:`SentencePieceTokenizer`;
+    - a CLIP byte-level BPE tokenizer: a directory holding ``vocab.json`` and ``merges.txt``
+      (Hugging Face's CLIPTokenizer files, what :meth:`ClipBPETokenizer.save` writes), or
+      open_clip's ``.txt.gz`` merges file (``bpe_simple_vocab_16e6.txt.gz``) -> ``ClipBPETokenizer``.
+
+    Args:
+        directory_or_file: the directory or file.
+        context_length: length of the rows the tokenizer returns, bos and eos included.
+
+    Returns:
+        The tokenizer.
+
+    Raises:
+        FileNotFoundError: the path does not exist or matches none of the layouts.
+        ValueError: a directory holds both a sentencepiece model and a CLIP vocabulary.
+    """
+    # clip_bpe builds on this module's helpers, so it is imported only when needed.
+    from mmptm.data_pipelines.clip_bpe import ClipBPETokenizer
+
+    path = Path(directory_or_file)
+    layouts = (
+        f"a '.model' sentencepiece file, a directory with '{MODEL_FILENAME}', a directory with "
+        f"'{VOCAB_FILENAME}' and '{MERGES_FILENAME}', or an open_clip '.txt.gz' merges file"
+    )
+    if path.is_file() and path.suffix == ".model":
+        return SentencePieceTokenizer(path, context_length)
+    if path.is_file() and path.name.endswith(".txt.gz"):
+        return ClipBPETokenizer.from_open_clip_merges(path, context_length)
+    if not path.is_dir():
+        state = "is not a tokenizer file" if path.exists() else "does not exist"
+        raise FileNotFoundError(f"tokenizer path '{path}' {state}; expected {layouts}")
+    has_model = (path / MODEL_FILENAME).is_file()
+    clip_files = [name for name in (VOCAB_FILENAME, MERGES_FILENAME) if (path / name).is_file()]
+    if has_model and clip_files:
+        raise ValueError(
+            f"tokenizer directory '{path}' holds both '{MODEL_FILENAME}' and '{clip_files[0]}'; keep one tokenizer"
+        )
+    if has_model:
+        return SentencePieceTokenizer(path / MODEL_FILENAME, context_length)
+    if len(clip_files) == 2:
+        return ClipBPETokenizer.from_directory(path, context_length)
+    if clip_files:
+        missing = MERGES_FILENAME if clip_files == [VOCAB_FILENAME] else VOCAB_FILENAME
+        raise FileNotFoundError(f"tokenizer directory '{path}' has '{clip_files[0]}' but no '{missing}'")
+    raise FileNotFoundError(f"no tokenizer in directory '{path}'; expected {layouts}")
 
 
 def _as_corpus(

@@ -1,11 +1,12 @@
 """Encoders (modality towers) and the models assembled from them.
 
-Importing this package registers the built-in components: the ``vit``, ``timm``
-and ``text_transformer`` encoders and the ``clip`` model.
+Importing this package registers the built-in components: the ``vit``,
+``modified_resnet``, ``timm`` and ``text_transformer`` encoders and the ``clip`` model.
 """
 
 from mmptm.encoders.clip import CLIP
-from mmptm.encoders.layers import Attention, Mlp, ResidualAttentionBlock, Transformer
+from mmptm.encoders.layers import Attention, Mlp, QuickGELU, ResidualAttentionBlock, Transformer
+from mmptm.encoders.resnet import ModifiedResNet
 from mmptm.encoders.text import TextTransformer
 from mmptm.encoders.vision import TimmVisionTower, VisionTransformer
 
@@ -13,6 +14,8 @@ __all__ = [
     "CLIP",
     "Attention",
     "Mlp",
+    "ModifiedResNet",
+    "QuickGELU",
     "ResidualAttentionBlock",
     "TextTransformer",
     "TimmVisionTower",

@@ -11,10 +11,17 @@ Tensors are batch-first, ``[B, L, D]``, everywhere.
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from mmptm.registry import did_you_mean
+
+# The MLP activation: exact GELU, or the sigmoid approximation OpenAI trained CLIP with.
+Activation = Literal["gelu", "quick_gelu"]
 
 
 class Attention(nn.Module):
@@ -70,18 +77,53 @@ class Attention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(batch, length, width))
 
 
+class QuickGELU(nn.Module):
+    """``x * sigmoid(1.702 * x)``, the GELU approximation OpenAI's CLIP models were trained with.
+
+    Hendrycks & Gimpel 2016, "Gaussian Error Linear Units (GELUs)", Sec. 2; the same function
+    as open_clip's ``QuickGELU``. Models imported from OpenAI checkpoints need it to reproduce
+    their features; exact GELU is faster for new models.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+def activation(name: Activation) -> nn.Module:
+    """Build the activation named ``name``.
+
+    Args:
+        name: ``"gelu"`` (``nn.GELU``) or ``"quick_gelu"`` (:class:`QuickGELU`).
+
+    Returns:
+        A module without parameters, so the choice never changes a state dict.
+
+    Raises:
+        ValueError: ``name`` is not one of the choices.
+    """
+    if name == "gelu":
+        return nn.GELU()
+    if name == "quick_gelu":
+        return QuickGELU()
+    choices = get_args(Activation)
+    raise ValueError(
+        f"unknown 'act' {name!r};{did_you_mean(str(name), choices)} choices: {', '.join(map(repr, choices))}"
+    )
+
+
 class Mlp(nn.Module):
-    """The transformer feed-forward block: ``c_proj(gelu(c_fc(x)))``, open_clip's names.
+    """The transformer feed-forward block: ``c_proj(act(c_fc(x)))``, open_clip's names.
 
     Args:
         width: input and output size.
         hidden: hidden size (``mlp_ratio * width`` in the blocks).
+        act: the activation, see :func:`activation`.
     """
 
-    def __init__(self, width: int, hidden: int) -> None:
+    def __init__(self, width: int, hidden: int, act: Activation = "gelu") -> None:
         super().__init__()
         self.c_fc = nn.Linear(width, hidden)
-        self.gelu = nn.GELU()
+        self.gelu = activation(act)  # open_clip's module name, whichever activation it holds
         self.c_proj = nn.Linear(hidden, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -95,14 +137,15 @@ class ResidualAttentionBlock(nn.Module):
         width: model width.
         heads: attention heads.
         mlp_ratio: MLP hidden size as a multiple of ``width``.
+        act: the MLP activation, see :func:`activation`.
     """
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0) -> None:
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, act: Activation = "gelu") -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(width)
         self.attn = Attention(width, heads)
         self.ln_2 = nn.LayerNorm(width)
-        self.mlp = Mlp(width, int(width * mlp_ratio))
+        self.mlp = Mlp(width, int(width * mlp_ratio), act)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         """``[B, L, D] -> [B, L, D]``; ``attn_mask`` and ``is_causal`` as in :class:`Attention`."""
@@ -118,16 +161,18 @@ class Transformer(nn.Module):
         layers: number of blocks (at least 1).
         heads: attention heads; must divide ``width``.
         mlp_ratio: MLP hidden size as a multiple of ``width``.
+        act: the MLP activation, see :func:`activation`.
     """
 
-    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float = 4.0) -> None:
+    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float = 4.0, act: Activation = "gelu") -> None:
         super().__init__()
         if layers < 1:
             raise ValueError(f"'layers' must be at least 1, got {layers}")
         self.width = width
         self.layers = layers
+        self.act = act
         self.grad_checkpointing = False
-        self.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads, mlp_ratio) for _ in range(layers))
+        self.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads, mlp_ratio, act) for _ in range(layers))
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         """``[B, L, D] -> [B, L, D]``; ``attn_mask`` and ``is_causal`` as in :class:`Attention`."""
@@ -138,3 +183,9 @@ class Transformer(nn.Module):
             else:
                 x = block(x, attn_mask=attn_mask, is_causal=is_causal)
         return x
+
+
+def check_image_size(images: torch.Tensor, image_size: int) -> None:
+    """Raise a ValueError unless ``images`` are ``[..., image_size, image_size]`` (a tower built for that size)."""
+    if images.shape[-2:] != (image_size, image_size):
+        raise ValueError(f"expected {image_size}x{image_size} images, got {tuple(images.shape)}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mmptm.encoders.layers import Transformer
+from mmptm.encoders.layers import Activation, Transformer
 from mmptm.registry import register_encoder
 
 
@@ -28,6 +28,7 @@ class TextTransformer(nn.Module):
         heads: attention heads.
         layers: transformer blocks.
         mlp_ratio: MLP hidden size as a multiple of ``width``.
+        act: MLP activation, ``"gelu"`` or ``"quick_gelu"`` (OpenAI's CLIP weights).
         pad_id: padding id (filled in from the tokenizer).
         eot_id: end-of-text id (filled in from the tokenizer). ``None`` pools at the
             highest id of each sequence, which is the end-of-text token in CLIP's BPE
@@ -45,6 +46,7 @@ class TextTransformer(nn.Module):
         heads: int = 8,
         layers: int = 12,
         mlp_ratio: float = 4.0,
+        act: Activation = "gelu",
         pad_id: int = 0,
         eot_id: int | None = None,
     ) -> None:
@@ -55,7 +57,7 @@ class TextTransformer(nn.Module):
         self.eot_id = eot_id
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
-        self.transformer = Transformer(width, layers, heads, mlp_ratio)
+        self.transformer = Transformer(width, layers, heads, mlp_ratio, act)
         self.ln_final = nn.LayerNorm(width)
         self.text_projection = nn.Parameter(torch.empty(width, embed_dim))
         self.init_parameters()

@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from mmptm.encoders.layers import Transformer
+from mmptm.encoders.layers import Activation, Transformer, check_image_size
 from mmptm.registry import did_you_mean, register_encoder
 
 # The normalisation CLIP was trained with (Radford et al. 2021); open_clip's defaults.
@@ -39,6 +39,7 @@ class VisionTransformer(nn.Module):
         layers: transformer blocks.
         heads: attention heads.
         mlp_ratio: MLP hidden size as a multiple of ``width``.
+        act: MLP activation, ``"gelu"`` or ``"quick_gelu"`` (OpenAI's CLIP weights).
         image_mean: per-channel mean used to normalise input images.
         image_std: per-channel standard deviation used to normalise input images.
     """
@@ -54,6 +55,7 @@ class VisionTransformer(nn.Module):
         layers: int = 12,
         heads: int = 12,
         mlp_ratio: float = 4.0,
+        act: Activation = "gelu",
         image_mean: tuple[float, float, float] = OPENAI_MEAN,
         image_std: tuple[float, float, float] = OPENAI_STD,
     ) -> None:
@@ -70,7 +72,7 @@ class VisionTransformer(nn.Module):
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.positional_embedding = nn.Parameter(scale * torch.randn(num_patches + 1, width))
         self.ln_pre = nn.LayerNorm(width)
-        self.transformer = Transformer(width, layers, heads, mlp_ratio)
+        self.transformer = Transformer(width, layers, heads, mlp_ratio, act)
         self.ln_post = nn.LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, embed_dim))
 
@@ -87,8 +89,7 @@ class VisionTransformer(nn.Module):
         Returns:
             Unnormalised features ``[B, embed_dim]``.
         """
-        if x.shape[-2:] != (self.image_size, self.image_size):
-            raise ValueError(f"expected {self.image_size}x{self.image_size} images, got {tuple(x.shape)}")
+        check_image_size(x, self.image_size)
         x = self.conv1(x).flatten(2).transpose(1, 2)  # [B, grid**2, width]
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)

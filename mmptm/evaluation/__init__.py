@@ -1,0 +1,34 @@
+"""Zero-shot evaluation of dual encoders: classification, image-text retrieval, cross-lingual retrieval.
+
+The functions take a model with OpenCLIP's interface, its tokenizer and a
+stream of batches; :mod:`mmptm.evaluation.inputs` builds the streams and
+prompts from paths. ``mmptm zeroshot classify|retrieve`` and the trainer's
+periodic evaluation call the same functions, so their numbers agree.
+"""
+
+from mmptm.evaluation.common import EvaluationError, precision_autocast
+from mmptm.evaluation.inputs import (
+    classification_stream,
+    load_classnames,
+    load_prompt_file,
+    load_templates,
+    parallel_stream,
+    retrieval_stream,
+)
+from mmptm.evaluation.retrieval import crosslingual_retrieval, zeroshot_retrieval
+from mmptm.evaluation.zeroshot import prompt_languages, zeroshot_classification
+
+__all__ = [
+    "EvaluationError",
+    "classification_stream",
+    "crosslingual_retrieval",
+    "load_classnames",
+    "load_prompt_file",
+    "load_templates",
+    "parallel_stream",
+    "precision_autocast",
+    "prompt_languages",
+    "retrieval_stream",
+    "zeroshot_classification",
+    "zeroshot_retrieval",
+]

@@ -5,7 +5,8 @@ Layout (DESIGN.md sec 2)::
     <run>/checkpoints/step_00000100/
         config.yaml          resolved run config
         model.safetensors    weights (never pickled)
-        tokenizer.model      the sentencepiece model the text tower reads
+        tokenizer.model      the sentencepiece model the text tower reads (or, for an
+                             imported CLIP, its BPE vocab.json + merges.txt)
         training_state/      optimizer.pt, scheduler.pt, rng.pt, state.json (step, data position, counters)
     <run>/checkpoints/latest  name of the newest complete checkpoint
 
@@ -45,6 +46,13 @@ def save_weights(model: nn.Module, path: Path) -> None:
 
 def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> None:
     state = load_file(str(path))
+    own = model.state_dict()
+    wrong = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items() if k in own and v.shape != own[k].shape]
+    if wrong:
+        raise ValueError(
+            f"{path}: weights do not match the model built from its config: shapes (file, model) differ for "
+            f"{wrong[:4]}{'...' if len(wrong) > 4 else ''}"
+        )
     missing, unexpected = model.load_state_dict(state, strict=False)
     if strict and (missing or unexpected):
         raise ValueError(
@@ -81,7 +89,7 @@ def save_checkpoint(
     step: int,
     model: nn.Module,
     config_yaml: str,
-    tokenizer_path: str | Path | None,
+    tokenizer: Any,
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any = None,
     state: dict[str, Any] | None = None,
@@ -94,7 +102,8 @@ def save_checkpoint(
         step: optimizer steps done.
         model: the unwrapped model.
         config_yaml: the resolved run config.
-        tokenizer_path: copied in as ``tokenizer.model`` when given.
+        tokenizer: saved with its ``save(folder)`` (``tokenizer.model``, or ``vocab.json`` + ``merges.txt``)
+            when given.
         optimizer / scheduler / state: training state for ``--resume`` (omit for an export).
         keep: how many step checkpoints to keep.
 
@@ -108,8 +117,8 @@ def save_checkpoint(
     try:
         (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
         save_weights(model, tmp / "model.safetensors")
-        if tokenizer_path is not None:
-            shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
+        if tokenizer is not None:
+            tokenizer.save(tmp)
         if optimizer is not None:
             ts = tmp / "training_state"
             ts.mkdir()

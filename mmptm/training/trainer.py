@@ -24,14 +24,30 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
 
-from mmptm.config import Config
-from mmptm.data_pipelines.context import DataContext
+from mmptm.config import Config, ConfigError
+from mmptm.data_pipelines.context import DataContext, model_data_context
 from mmptm.data_pipelines.demo import resolve
-from mmptm.data_pipelines.tokenizer import SentencePieceTokenizer
-from mmptm.evaluation.zeroshot import load_prompt_file, zeroshot_classification
+from mmptm.data_pipelines.tokenizer import load_tokenizer
+from mmptm.evaluation import (
+    EvaluationError,
+    classification_stream,
+    load_classnames,
+    load_templates,
+    prompt_languages,
+    retrieval_stream,
+    zeroshot_classification,
+    zeroshot_retrieval,
+)
+from mmptm.evaluation.retrieval import RECALL_K
 from mmptm.models import create_model
 from mmptm.registry import DATASETS, OBJECTIVES, build
-from mmptm.training.checkpoint import latest_checkpoint, load_training_state, load_weights, save_checkpoint
+from mmptm.training.checkpoint import (
+    latest_checkpoint,
+    load_training_state,
+    load_weights,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from mmptm.training.optim import build_optimizer, build_scheduler
 
 logger = logging.getLogger("mmptm.train")
@@ -164,9 +180,10 @@ class Trainer:
         self.is_main = self.accelerator.is_main_process
         set_seed(tc.seed)
 
-        self.tokenizer_path = Path(resolve(config.tokenizer.path))
-        self.tokenizer = SentencePieceTokenizer(self.tokenizer_path, context_length=config.tokenizer.context_length)
+        self.tokenizer = load_tokenizer(resolve(config.tokenizer.path), context_length=config.tokenizer.context_length)
         self.model = create_model(config.model, tokenizer=self.tokenizer)
+        if tc.init_from:
+            self._init_weights(tc.init_from)
         if tc.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
         self.objectives = nn.ModuleList(
@@ -199,6 +216,7 @@ class Trainer:
             name: DataStream(name, build(DATASETS, config.data[name], context=self._data_context(training=True)))
             for name in dict.fromkeys(self.stream_of)
         }
+        self.zeroshot_prompts, self.zeroshot_language = self._load_zeroshot_prompts()
         self.step = 0
         self.samples_seen = 0
         self.stopped_by: str | None = None
@@ -208,18 +226,43 @@ class Trainer:
     # ------------------------------------------------------------------ setup helpers
 
     def _data_context(self, training: bool) -> DataContext:
-        visual = getattr(self.model, "visual", None)
-        defaults = DataContext()
-        return DataContext(
+        return model_data_context(
+            self.model,
             tokenizer=self.tokenizer,
-            image_size=getattr(visual, "image_size", defaults.image_size),
-            image_mean=tuple(getattr(visual, "image_mean", defaults.image_mean)),
-            image_std=tuple(getattr(visual, "image_std", defaults.image_std)),
             training=training,
             seed=self.config.train.seed,
             rank=self.accelerator.process_index if training else 0,
             world_size=self.accelerator.num_processes if training else 1,
         )
+
+    def _load_zeroshot_prompts(self) -> tuple[tuple[dict[str, list[str]], dict[str, list[str]]] | None, str | None]:
+        """Read and check ``eval.zeroshot``'s class names and templates now, so that a bad file fails before training.
+
+        Returns:
+            ``((classnames, templates), primary language)``, or ``(None, None)`` without zero-shot evaluation.
+        """
+        zs = self.config.eval.zeroshot
+        if zs is None:
+            return None, None
+        try:
+            classnames = load_classnames(zs.classnames, zs.data)
+            templates = load_templates(zs.templates)
+            _, primary = prompt_languages(classnames, templates, zs.languages, zs.primary_language)
+        except (EvaluationError, FileNotFoundError) as err:
+            raise ConfigError(f"eval.zeroshot: {err}") from None
+        return (classnames, templates), primary
+
+    def _init_weights(self, source: str) -> None:
+        """Load ``train.init_from``'s weights into the freshly built model (strict: same architecture)."""
+        try:
+            checkpoint = resolve_checkpoint(resolve(source))
+            load_weights(self.model, checkpoint / "model.safetensors")
+        except (FileNotFoundError, ValueError) as err:
+            raise ConfigError(
+                f"train.init_from={source}: {err}. The run's model section must describe the checkpoint's "
+                "architecture (see its config.yaml), and tokenizer.path its tokenizer (the checkpoint folder)"
+            ) from None
+        logger.info("initialised the model from %s", checkpoint)
 
     def _install_signal_handlers(self) -> list[tuple[int, Any]]:
         previous = []
@@ -303,7 +346,7 @@ class Trainer:
                 self.step,
                 self.accelerator.unwrap_model(self.model),
                 self.config.to_yaml(),
-                self.tokenizer_path,
+                self.tokenizer,
                 optimizer=optimizer,
                 scheduler=self.scheduler,
                 state=state,
@@ -314,61 +357,85 @@ class Trainer:
         return path
 
     def evaluate(self) -> dict[str, float]:
-        """Zero-shot classification on the eval stream, every prompt language (main process).
+        """Zero-shot classification in every prompt language and, if configured, retrieval (main process).
 
-        A stop signal during evaluation abandons it (nothing is logged) so that
-        the caller can checkpoint at once.
+        The numbers are those of ``mmptm zeroshot classify|retrieve`` on the
+        same checkpoint and data. A stop signal during evaluation abandons it
+        (nothing is logged) so that the caller can checkpoint at once.
         """
-        zs = self.config.eval.zeroshot
         metrics: dict[str, float] = {}
-        if zs is not None and self.is_main:
-            stream = build(
-                DATASETS,
-                {
-                    "name": "image_text",
-                    "shards": zs.data,
-                    "batch_size": zs.batch_size,
-                    "num_workers": zs.num_workers,
-                    "label_key": zs.label_key,
-                },
-                context=self._data_context(training=False),
-            )
-            classnames = load_prompt_file(resolve(zs.classnames), "classnames")
-            templates = load_prompt_file(resolve(zs.templates), "templates")
-            batches: Iterable[dict[str, Any]] = self._until_stopped(stream)
-            if self.config.train.progress_bar:
-                from tqdm.auto import tqdm
-
-                batches = tqdm(batches, desc=f"eval step {self.step}", unit="batch", leave=False, file=sys.stderr)
+        if self.is_main:
             try:
-                results = zeroshot_classification(
-                    self.accelerator.unwrap_model(self.model),
-                    self.tokenizer,
-                    batches,
-                    classnames,
-                    templates,
-                    device=self.accelerator.device,
-                    languages=zs.languages,
-                    autocast=self.accelerator.autocast,
-                )
+                metrics = {**self._evaluate_zeroshot(), **self._evaluate_retrieval()}
             except _EvaluationInterrupted:
                 logger.warning("received %s during evaluation at step %d: evaluation abandoned",
                                self.stopped_by, self.step)
-                results = None
-            if results is not None:
-                skipped = results.pop("_stream")["skipped"]
-                primary = zs.primary_language if zs.primary_language in results else next(iter(results))
-                metrics = {
-                    "eval/zeroshot_top1": results[primary]["top1"],
-                    "eval/zeroshot_top5": results[primary]["top5"],
-                    "eval/zeroshot_mean_per_class_recall": results[primary]["mean_per_class_recall"],
-                    "eval/num_images": results[primary]["num_images"],
-                    "eval/skipped_samples": skipped,
-                }
-                for lang, result in results.items():
-                    metrics[f"eval/zeroshot_top1/{lang}"] = result["top1"]
+                metrics = {}
+            if metrics:
                 self._log(metrics)
         self.accelerator.wait_for_everyone()
+        return metrics
+
+    def _eval_batches(self, stream: Iterable[dict[str, Any]], what: str) -> Iterable[dict[str, Any]]:
+        """``stream`` interrupted by a stop signal, with a progress bar if the run shows one."""
+        batches: Iterable[dict[str, Any]] = self._until_stopped(stream)
+        if self.config.train.progress_bar:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, desc=f"eval {what} step {self.step}", unit="batch", leave=False, file=sys.stderr)
+        return batches
+
+    def _evaluate_zeroshot(self) -> dict[str, float]:
+        zs = self.config.eval.zeroshot
+        if zs is None:
+            return {}
+        classnames, templates = self.zeroshot_prompts
+        stream = classification_stream(
+            zs.data, self._data_context(training=False), zs.label_key, zs.batch_size, zs.num_workers
+        )
+        result = zeroshot_classification(
+            self.accelerator.unwrap_model(self.model),
+            self.tokenizer,
+            self._eval_batches(stream, "zero-shot"),
+            classnames,
+            templates,
+            languages=zs.languages,
+            primary_language=zs.primary_language,
+            device=self.accelerator.device,
+            autocast=self.accelerator.autocast,
+        )
+        metrics = {
+            "eval/zeroshot_top1": result["top1"],
+            "eval/zeroshot_top5": result["top5"],
+            "eval/zeroshot_mean_per_class_recall": result["mean_per_class_recall"],
+            "eval/num_images": result["num_images"],
+            "eval/skipped_samples": result["skipped_samples"],
+        }
+        for lang, language_metrics in result["per_language"].items():
+            metrics[f"eval/zeroshot_top1/{lang}"] = language_metrics["top1"]
+        return metrics
+
+    def _evaluate_retrieval(self) -> dict[str, float]:
+        rc = self.config.eval.retrieval
+        if rc is None:
+            return {}
+        stream = retrieval_stream(rc.data, self._data_context(training=False), rc.languages, rc.batch_size,
+                                  rc.num_workers)
+        result = zeroshot_retrieval(
+            self.accelerator.unwrap_model(self.model),
+            self.tokenizer,
+            self._eval_batches(stream, "retrieval"),
+            device=self.accelerator.device,
+            autocast=self.accelerator.autocast,
+        )
+        metrics = {
+            "eval/retrieval_num_images": result["num_images"],
+            "eval/retrieval_num_texts": result["num_texts"],
+            "eval/retrieval_skipped_samples": result["skipped_samples"],
+        }
+        for k in RECALL_K:
+            metrics[f"eval/i2t_r{k}"] = result[f"text_retrieval_recall@{k}"]
+            metrics[f"eval/t2i_r{k}"] = result[f"image_retrieval_recall@{k}"]
         return metrics
 
     def _until_stopped(self, batches: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:

@@ -1,0 +1,69 @@
+"""``mmptm convert``: import OpenCLIP / OpenAI / Hugging Face CLIP checkpoints, export to Hugging Face."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_convert_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``mmptm convert {open_clip,hf,to-hf}``."""
+    p = sub.add_parser(
+        "convert",
+        help="import OpenCLIP / Hugging Face CLIP checkpoints; export to Hugging Face",
+        description="Convert checkpoints into mmptm checkpoint folders (config.yaml + model.safetensors + "
+        "the original tokenizer files), usable by load_pretrained, `mmptm zeroshot` and train.init_from; "
+        "or export an mmptm CLIP as a Hugging Face CLIPModel folder.",
+    )
+    convert_sub = p.add_subparsers(dest="convert_command", required=True, metavar="{open_clip,hf,to-hf}")
+    oc = convert_sub.add_parser(
+        "open_clip",
+        help="an OpenCLIP or OpenAI CLIP weights file (.pt/.bin/.safetensors, TorchScript archive)",
+        description="Import OpenAI-architecture CLIP weights (ViT or ModifiedResNet image tower). The "
+        "architecture is read from the tensor shapes; --model names the open_clip config for the activation "
+        "and head counts.",
+    )
+    oc.add_argument("weights", help="weights file")
+    oc.add_argument("output_dir", help="checkpoint folder to create")
+    oc.add_argument("--model", dest="model_name", help="open_clip model name, e.g. ViT-B-32 or RN50-quickgelu")
+    gelu = oc.add_mutually_exclusive_group()
+    gelu.add_argument("--quick-gelu", dest="quick_gelu", action="store_true", default=None,
+                      help="QuickGELU activations (OpenAI's weights; default for TorchScript archives)")
+    gelu.add_argument("--gelu", dest="quick_gelu", action="store_false", help="exact GELU activations")
+    oc.add_argument("--tokenizer", help="CLIP BPE vocabulary (.txt.gz, or a folder with vocab.json + merges.txt); "
+                    "default: the one open_clip ships")
+    oc.set_defaults(func=_convert_open_clip)
+
+    hf = convert_sub.add_parser("hf", help="a Hugging Face CLIPModel folder (config.json + safetensors)")
+    hf.add_argument("model_dir", help="folder written by CLIPModel.save_pretrained (with its tokenizer files)")
+    hf.add_argument("output_dir", help="checkpoint folder to create")
+    hf.set_defaults(func=_convert_hf)
+
+    to_hf = convert_sub.add_parser("to-hf", help="export an mmptm CLIP as a Hugging Face CLIPModel folder")
+    to_hf.add_argument("checkpoint", help="mmptm checkpoint or run folder")
+    to_hf.add_argument("output_dir", help="folder to create")
+    to_hf.set_defaults(func=_convert_to_hf)
+
+
+def _report(output: object, **fields: object) -> int:
+    print(json.dumps({"output_dir": str(output), **fields}, indent=2))
+    return 0
+
+
+def _convert_open_clip(args: argparse.Namespace) -> int:
+    from mmptm.interop.open_clip import import_open_clip
+
+    out = import_open_clip(args.weights, args.output_dir, args.model_name, args.quick_gelu, args.tokenizer)
+    return _report(out, source=args.weights)
+
+
+def _convert_hf(args: argparse.Namespace) -> int:
+    from mmptm.interop.hf import import_hf_clip
+
+    return _report(import_hf_clip(args.model_dir, args.output_dir), source=args.model_dir)
+
+
+def _convert_to_hf(args: argparse.Namespace) -> int:
+    from mmptm.interop.hf import export_hf_clip
+
+    return _report(export_hf_clip(args.checkpoint, args.output_dir), source=args.checkpoint)

@@ -1,0 +1,140 @@
+"""Shared pieces of checkpoint import/export: safe weight reading and writing mmptm checkpoint folders."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+
+class ConversionError(ValueError):
+    """A checkpoint that cannot be converted: unknown architecture, missing files, shape mismatch."""
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a weights file, read without executing pickled code.
+
+    Accepts ``.safetensors``; ``.pt``/``.pth``/``.bin`` torch files read with
+    ``weights_only=True`` (a plain state dict, or a training checkpoint with a
+    ``state_dict`` entry, whose DDP ``module.`` prefixes are dropped); and
+    TorchScript archives such as OpenAI's original ``ViT-B-32.pt``, whose
+    tensors are read by ``torch.jit.load`` (TorchScript deserialisation runs
+    no Python pickle code).
+
+    Raises:
+        ConversionError: a missing file or one that holds no state dict.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConversionError(f"weights file '{path}' not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    if is_torchscript(path):
+        return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # an unpickler refusal, a corrupt zip, ...
+        raise ConversionError(f"{path}: not a torch weights file readable without pickled code ({err})") from None
+    if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
+        loaded = loaded["state_dict"]
+    if not isinstance(loaded, dict) or not all(torch.is_tensor(v) for v in loaded.values()):
+        raise ConversionError(f"{path}: holds no state dict (a mapping name -> tensor)")
+    if loaded and all(k.startswith("module.") for k in loaded):
+        loaded = {k[len("module.") :]: v for k, v in loaded.items()}
+    return loaded
+
+
+def is_torchscript(path: Path) -> bool:
+    """Whether a file is a TorchScript archive (a zip with serialised code), as OpenAI's CLIP files are."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any("/code/" in name for name in archive.namelist())
+
+
+def infer_layers(state_dict: dict[str, torch.Tensor], prefix: str) -> int:
+    """Number of transformer blocks ``<prefix>N.`` in a state dict."""
+    return len({k[len(prefix) :].split(".")[0] for k in state_dict if k.startswith(prefix)})
+
+
+def check_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Raise a :class:`ConversionError` naming the keys a converted state dict lacks or has in excess."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    wrong = [k for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        raise ConversionError(
+            f"{source}: its weights do not fit the architecture inferred from them (an unsupported variant?): "
+            f"missing {missing[:6]}, unexpected {unexpected[:6]}, "
+            f"wrong shapes {[(k, tuple(state_dict[k].shape), tuple(expected[k].shape)) for k in wrong[:4]]}"
+        )
+
+
+def write_checkpoint(
+    output_dir: str | Path,
+    model_config: dict[str, Any],
+    state_dict: dict[str, torch.Tensor],
+    tokenizer: Any,
+    source: str,
+) -> Path:
+    """Build the mmptm model of ``model_config``, load ``state_dict`` strictly and save a checkpoint folder.
+
+    The folder (written to a temporary sibling and renamed) holds
+    ``config.yaml`` (a ``model`` and a ``tokenizer`` section, plus
+    ``imported_from``), ``model.safetensors`` and the tokenizer's files; it
+    loads with :func:`mmptm.load_pretrained`, evaluates with ``mmptm zeroshot``
+    and initialises training with ``train.init_from``.
+
+    Raises:
+        ConversionError: the weights do not fit the model, or ``output_dir`` exists and is not empty.
+    """
+    from mmptm.models import create_model
+    from mmptm.training.checkpoint import save_weights
+
+    model = create_model(model_config, tokenizer=tokenizer)
+    state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
+    check_state_dict(model, state_dict, source)
+    model.load_state_dict(state_dict)
+    config = {
+        "imported_from": source,
+        "model": model_config,
+        "tokenizer": {"path": ".", "context_length": tokenizer.context_length},
+    }
+    with new_folder(output_dir) as tmp:
+        (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+        save_weights(model, tmp / "model.safetensors")
+        tokenizer.save(tmp)
+    return Path(output_dir)
+
+
+@contextlib.contextmanager
+def new_folder(output_dir: str | Path) -> Iterator[Path]:
+    """Fill a temporary sibling of ``output_dir`` and rename it into place, so no half-written folder remains.
+
+    Raises:
+        ConversionError: ``output_dir`` exists and is not empty.
+    """
+    output_dir = Path(output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()):
+        raise ConversionError(f"output folder '{output_dir}' exists and is not empty")
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{output_dir.name}-", dir=output_dir.parent))
+    try:
+        yield tmp
+        if output_dir.exists():
+            output_dir.rmdir()
+        os.replace(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
