@@ -70,6 +70,12 @@ def load_pretrained(path: str | Path, device: str = "cpu") -> Pretrained:
     from mmptm.config import import_modules
 
     import_modules(run_config.get("imports") or [])
+    import mmptm.encoders  # noqa: F401  (register built-in encoders)
+
+    try:  # the architecture first: an unknown one is the error to report, not what follows from it
+        validate_component(MODELS, dict(run_config["model"]), "model", str(checkpoint / "config.yaml"))
+    except ConfigError as err:
+        raise ConfigError(f"checkpoint {checkpoint} has an architecture this mmptm cannot build: {err}") from None
     context_length = (run_config.get("tokenizer") or {}).get("context_length", 77)
     tokenizer = load_tokenizer(checkpoint, context_length=context_length)
     model = create_model(run_config["model"], tokenizer=tokenizer)

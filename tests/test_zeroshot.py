@@ -255,7 +255,7 @@ def test_crosslingual_retrieval_is_tatoeba_accuracy(run, pretrained, tmp_path, c
 
 
 @pytest.mark.parametrize("case", ["template without {}", "empty folder", "missing checkpoint", "unknown language",
-                                  "unknown parallel language"])
+                                  "unknown parallel language", "unknown architecture"])
 def test_bad_inputs_fail_with_a_message_and_exit_code_2(run, tmp_path, capsys, case):
     (tmp_path / "templates.txt").write_text("a photo of a {}.\na photo without a placeholder.\n")
     (tmp_path / "empty").mkdir()
@@ -270,6 +270,11 @@ def test_bad_inputs_fail_with_a_message_and_exit_code_2(run, tmp_path, capsys, c
         expected = "has no class subfolders"
     elif case == "missing checkpoint":
         checkpoint, expected = str(tmp_path / "nowhere"), "is neither a checkpoint"
+    elif case == "unknown architecture":
+        (tmp_path / "alien").mkdir()
+        (tmp_path / "alien" / "config.yaml").write_text("model: {name: vilbert_xl}\n")
+        (tmp_path / "alien" / "model.safetensors").write_bytes(b"")
+        checkpoint, expected = str(tmp_path / "alien"), "an architecture this mmptm cannot build"
     elif case == "unknown language":
         extra += ["--language", "en,xx"]
         expected = "unknown language 'xx'; the prompts cover: en, fr, de"
