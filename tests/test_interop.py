@@ -208,3 +208,21 @@ def test_training_starts_from_an_imported_checkpoint(tmp_path, demo):
 
     with pytest.raises(ConfigError, match="train.init_from"):
         Trainer(mmptm.load_config(tmp_path / "run.yaml", ["model.embed_dim=8"]), output_dir=tmp_path / "run2")
+
+
+def test_openai_torchscript_archives_import_with_quick_gelu(tmp_path):
+    """OpenAI's original files are TorchScript archives of QuickGELU models with 64-wide heads."""
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    torch.manual_seed(0)
+    reference = CLIP(
+        32,
+        CLIPVisionCfg(layers=1, width=128, patch_size=8, image_size=32),
+        CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=1, layers=1),
+        quick_gelu=True,
+    ).eval()
+    torch.jit.save(torch.jit.script(reference), tmp_path / "ViT-tiny.pt")
+    model, _, _ = mmptm.load_pretrained(mmptm.interop.import_open_clip(tmp_path / "ViT-tiny.pt", tmp_path / "ckpt"))
+    assert model.visual.transformer.act == model.text.transformer.act == "quick_gelu"
+    images, tokens = reference_inputs(32)
+    assert_same_embeddings(model, reference.encode_image, reference.encode_text, images, tokens)
