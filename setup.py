@@ -47,6 +47,7 @@ setup(
             "open_clip_torch>=2.24",
             "transformers>=4.40",
             "clip_benchmark>=1.6",
+            "requests>=2.28",  # clip_benchmark imports it without declaring it
         ],
         "interop": ["open_clip_torch>=2.24", "transformers>=4.40"],
     },

@@ -18,7 +18,13 @@ from typing import Any
 
 from mmptm.config import Config, ConfigError, load_config
 from mmptm.models import create_model, load_pretrained
-from mmptm.registry import register_dataset, register_encoder, register_model, register_objective
+from mmptm.registry import (
+    register_dataset,
+    register_encoder,
+    register_evaluator,
+    register_model,
+    register_objective,
+)
 
 __version__ = "0.1.0"
 
@@ -38,6 +44,7 @@ __all__ = [
     "load_pretrained",
     "register_dataset",
     "register_encoder",
+    "register_evaluator",
     "register_model",
     "register_objective",
     "train",

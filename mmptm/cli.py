@@ -342,12 +342,13 @@ def _add_list(sub: argparse._SubParsersAction) -> None:
 def _list(args: argparse.Namespace) -> int:
     import mmptm.data_pipelines  # noqa: F401
     import mmptm.encoders  # noqa: F401
+    import mmptm.evaluation  # noqa: F401
     import mmptm.objectives  # noqa: F401
     from mmptm.config import bundled_config_names, import_modules
-    from mmptm.registry import DATASETS, ENCODERS, MODELS, OBJECTIVES
+    from mmptm.registry import DATASETS, ENCODERS, EVALUATORS, MODELS, OBJECTIVES
 
     import_modules(args.imports)
-    for registry in (MODELS, ENCODERS, OBJECTIVES, DATASETS):
+    for registry in (MODELS, ENCODERS, OBJECTIVES, DATASETS, EVALUATORS):
         print(f"{registry.kind}s:")
         for name in registry.names():
             print(f"  {registry.describe(name)}")

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from mmptm.registry import (
     DATASETS,
     ENCODERS,
+    EVALUATORS,
     MODELS,
     OBJECTIVES,
     Registry,
@@ -110,6 +111,11 @@ class RetrievalConfig(_Section):
 class EvalConfig(_Section):
     zeroshot: ZeroShotConfig | None = Field(default_factory=ZeroShotConfig)
     retrieval: RetrievalConfig | None = None
+    tasks: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="registered evaluators (`mmptm list`), each {name, **options}; their metrics are logged "
+        "as eval/<key>",
+    )
 
 
 class DistributedConfig(_Section):
@@ -143,6 +149,7 @@ RUNTIME_PARAMETERS: dict[str, set[str]] = {
     "model": {"vocab_size", "pad_id", "eot_id"},
     "dataset": {"context"},
     "objective": set(),
+    "evaluator": {"model", "context"},
 }
 # Keys of an ``objectives`` entry that belong to the trainer, not to the objective.
 OBJECTIVE_TRAINER_KEYS = {"weight": float, "data": str}
@@ -275,6 +282,7 @@ def load_config(
     """
     import mmptm.data_pipelines  # noqa: F401  (register built-in components)
     import mmptm.encoders  # noqa: F401
+    import mmptm.evaluation  # noqa: F401
     import mmptm.objectives  # noqa: F401
 
     if isinstance(source, dict):
@@ -332,6 +340,9 @@ def validate_components(config: Config, where: str) -> None:
     config.data = {
         name: validate_component(DATASETS, stream, f"data.{name}", where) for name, stream in config.data.items()
     }
+    config.eval.tasks = [
+        validate_component(EVALUATORS, task, f"eval.tasks.{i}", where) for i, task in enumerate(config.eval.tasks)
+    ]
     if not config.objectives:
         raise ConfigError(f"{where}: 'objectives' is empty; name at least one of: {', '.join(OBJECTIVES.names())}")
 

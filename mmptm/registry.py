@@ -128,8 +128,10 @@ ENCODERS = Registry("encoder")
 MODELS = Registry("model")
 OBJECTIVES = Registry("objective")
 DATASETS = Registry("dataset")
+EVALUATORS = Registry("evaluator")
 
 register_encoder = ENCODERS.register
 register_model = MODELS.register
 register_objective = OBJECTIVES.register
+register_evaluator = EVALUATORS.register
 register_dataset = DATASETS.register

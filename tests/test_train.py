@@ -252,3 +252,27 @@ def test_a_stop_signal_during_evaluation_abandons_it(tmp_path, demo):
     assert trainer.evaluate() == {}
     trainer._close_logs()
     assert sum("eval/zeroshot_top1" in r for r in read_metrics(tmp_path)) == 1
+
+
+def test_registered_evaluators_run_in_eval_tasks(tmp_path, demo):
+    from mmptm.evaluation import EvalContext
+    from mmptm.registry import EVALUATORS
+
+    seen = {}
+
+    @mmptm.register_evaluator("caption_norm_for_test")
+    def caption_norm(model, context: EvalContext, text: str = "a handwritten seven.") -> dict[str, float]:
+        seen["training"], seen["step"] = model.training, context.step
+        with torch.no_grad():
+            return {"text_norm": model.encode_text(context.tokenizer([text]).to(context.device)).norm().item()}
+
+    try:
+        overrides = [*TINY, "train.max_steps=2", "eval.zeroshot=null",
+                     "eval.tasks=[{name: caption_norm_for_test, text: un sept.}]"]
+        final = mmptm.train(mmptm.load_config("clip_tiny.yaml", overrides), output_dir=tmp_path)
+        assert final["eval/text_norm"] > 0 and seen == {"training": False, "step": 2}
+        assert read_metrics(tmp_path)[-1]["eval/text_norm"] == final["eval/text_norm"]
+        with pytest.raises(mmptm.ConfigError, match=r"eval.tasks.0.*did you mean 'text'"):
+            mmptm.load_config("clip_tiny.yaml", ["eval.tasks=[{name: caption_norm_for_test, txt: x}]"])
+    finally:
+        EVALUATORS._entries.pop("caption_norm_for_test", None)

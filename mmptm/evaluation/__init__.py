@@ -6,7 +6,7 @@ prompts from paths. ``mmptm zeroshot classify|retrieve`` and the trainer's
 periodic evaluation call the same functions, so their numbers agree.
 """
 
-from mmptm.evaluation.common import EvaluationError, precision_autocast
+from mmptm.evaluation.common import EvalContext, EvaluationError, precision_autocast
 from mmptm.evaluation.inputs import (
     classification_stream,
     load_classnames,
@@ -19,6 +19,7 @@ from mmptm.evaluation.retrieval import crosslingual_retrieval, zeroshot_retrieva
 from mmptm.evaluation.zeroshot import prompt_languages, zeroshot_classification
 
 __all__ = [
+    "EvalContext",
     "EvaluationError",
     "classification_stream",
     "crosslingual_retrieval",

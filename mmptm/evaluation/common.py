@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -18,6 +19,35 @@ _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 class EvaluationError(ValueError):
     """Bad evaluation input (a prompt file, a data set, a language); the message says what to fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalContext:
+    """What the trainer hands a registered evaluator (``eval.tasks``) besides the model and its options.
+
+    An evaluator is ``fn(model, context: EvalContext, **options) -> {metric: float}``,
+    registered with ``mmptm.register_evaluator(name)``; it runs on the main
+    process with the unwrapped model in eval mode (gradients enabled: wrap
+    encoding in ``torch.no_grad()``), and its metrics are logged as
+    ``eval/<metric>``.
+
+    Attributes:
+        tokenizer: the run's tokenizer.
+        data: the data context for evaluation streams (no augmentation, rank 0 of 1): pass it to a
+            dataset factory as ``context``.
+        device: where the model is.
+        autocast: the run's mixed-precision context factory (None: fp32).
+        batches: wraps an evaluation stream: a progress bar, and an interruption when a stop signal
+            arrives. Iterate every evaluation stream through it: ``for batch in context.batches(stream, "xlret")``.
+        step: the training step being evaluated.
+    """
+
+    tokenizer: Any
+    data: Any
+    device: torch.device | str = "cpu"
+    autocast: Autocast | None = None
+    batches: Callable[[Iterable[Any], str], Iterable[Any]] = lambda stream, what: stream
+    step: int = 0
 
 
 def precision_autocast(precision: str, device: torch.device | str) -> Autocast | None:

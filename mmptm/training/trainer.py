@@ -29,6 +29,7 @@ from mmptm.data_pipelines.context import DataContext, model_data_context
 from mmptm.data_pipelines.demo import resolve
 from mmptm.data_pipelines.tokenizer import load_tokenizer
 from mmptm.evaluation import (
+    EvalContext,
     EvaluationError,
     classification_stream,
     load_classnames,
@@ -40,7 +41,7 @@ from mmptm.evaluation import (
 )
 from mmptm.evaluation.retrieval import RECALL_K
 from mmptm.models import create_model
-from mmptm.registry import DATASETS, OBJECTIVES, build
+from mmptm.registry import DATASETS, EVALUATORS, OBJECTIVES, build
 from mmptm.training.checkpoint import (
     latest_checkpoint,
     load_training_state,
@@ -366,7 +367,7 @@ class Trainer:
         metrics: dict[str, float] = {}
         if self.is_main:
             try:
-                metrics = {**self._evaluate_zeroshot(), **self._evaluate_retrieval()}
+                metrics = {**self._evaluate_zeroshot(), **self._evaluate_retrieval(), **self._evaluate_tasks()}
             except _EvaluationInterrupted:
                 logger.warning("received %s during evaluation at step %d: evaluation abandoned",
                                self.stopped_by, self.step)
@@ -374,6 +375,30 @@ class Trainer:
             if metrics:
                 self._log(metrics)
         self.accelerator.wait_for_everyone()
+        return metrics
+
+    def _evaluate_tasks(self) -> dict[str, float]:
+        """The registered evaluators of ``eval.tasks``, each on the unwrapped model in eval mode."""
+        if not self.config.eval.tasks:
+            return {}
+        model = self.accelerator.unwrap_model(self.model)
+        context = EvalContext(
+            tokenizer=self.tokenizer,
+            data=self._data_context(training=False),
+            device=self.accelerator.device,
+            autocast=self.accelerator.autocast,
+            batches=self._eval_batches,
+            step=self.step,
+        )
+        metrics: dict[str, float] = {}
+        was_training = model.training
+        model.eval()
+        try:
+            for task in self.config.eval.tasks:
+                result = build(EVALUATORS, task, model=model, context=context)
+                metrics.update({f"eval/{key}": value for key, value in result.items()})
+        finally:
+            model.train(was_training)
         return metrics
 
     def _eval_batches(self, stream: Iterable[dict[str, Any]], what: str) -> Iterable[dict[str, Any]]:
