@@ -175,7 +175,8 @@ class Trainer:
             self.precision = "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "fp32"
         self.accelerator = Accelerator(
             mixed_precision="no" if self.precision == "fp32" else self.precision,
-            cpu=tc.cpu,
+            # accelerate runs several CPU processes (torchrun, gloo) only when told it is on the CPU.
+            cpu=not on_gpu,
             step_scheduler_with_optimizer=False,
         )
         self.is_main = self.accelerator.is_main_process
