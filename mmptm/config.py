@@ -82,6 +82,11 @@ class TrainConfig(_Section):
         description="start from the weights of this checkpoint or run folder (e.g. one made by `mmptm convert`); "
         "the model section must describe the same architecture; optimizer and step start fresh",
     )
+    data_resume: Literal["exact", "next_epoch"] = Field(
+        "exact",
+        description="--resume continues the interrupted epoch at its next batch (exact: its batches are read "
+        "again and dropped) or starts the next epoch (next_epoch: no re-reading, for very long epochs)",
+    )
     progress_bar: bool = True
     tensorboard: bool = True
 

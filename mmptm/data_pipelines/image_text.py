@@ -29,7 +29,7 @@ from mmptm.data_pipelines.streams import (
     decode_image,
     shard_stream,
 )
-from mmptm.data_pipelines.transforms import image_transform
+from mmptm.data_pipelines.transforms import image_transform, transform_seeded
 from mmptm.registry import register_dataset
 
 
@@ -77,7 +77,7 @@ class _SampleDecoder:
             if self.label_key is not None:
                 sample["label"] = self._label(raw)
             # Last: the costly part, done only for samples that are otherwise complete.
-            sample["image"] = self.transform(self._image(raw))
+            sample["image"] = transform_seeded(self.transform, self._image(raw), rng.getrandbits(63))
         except BadSample as err:
             return Skip(raw["__url__"], raw["__key__"], str(err))
         return sample

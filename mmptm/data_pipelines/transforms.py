@@ -48,3 +48,17 @@ def image_transform(
     else:
         geometry = [T.Resize(image_size, interpolation=InterpolationMode.BICUBIC), T.CenterCrop(image_size)]
     return T.Compose([_to_rgb, *geometry, T.ToTensor(), T.Normalize(mean=tuple(mean), std=tuple(std))])
+
+
+def transform_seeded(transform: Callable[[Image.Image], torch.Tensor], image: Image.Image, seed: int) -> torch.Tensor:
+    """``transform(image)`` with torch's random number generator seeded by ``seed`` for the call only.
+
+    torchvision's random augmentations draw from the global generator, whose
+    state depends on the process (DataLoader worker seeds, a restored
+    checkpoint, whatever else ran). Seeding each sample from the stream's own
+    seeded generator makes the augmentation a function of (run seed, epoch,
+    worker, position), so a resumed run replays its epoch bit for bit.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return transform(image)

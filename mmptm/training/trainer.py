@@ -74,6 +74,7 @@ class DataStream:
         self.skipped_ids: set[str] = set()
         self.new_skipped_ids: list[str] = []  # seen here since the last exchange between ranks
         self.skipped_uncounted = 0  # skips reported without ids
+        self.replay_batches = 0  # batches of the current epoch to draw and drop when resuming exactly
         self._iterator: Iterator[dict[str, Any]] | None = None
 
     @property
@@ -89,7 +90,8 @@ class DataStream:
     def _count_skips(self, batch: dict[str, Any]) -> None:
         ids = batch.get("skipped_keys")
         if ids is None:
-            self.skipped_uncounted += int(batch.get("skipped", 0))
+            if not self.replay_batches:  # counted before the interruption
+                self.skipped_uncounted += int(batch.get("skipped", 0))
             return
         for sample_id in ids:
             if sample_id not in self.skipped_ids:
@@ -122,6 +124,9 @@ class DataStream:
             if batch.get("empty"):
                 continue
             self.batches_in_epoch += 1
+            if self.replay_batches:
+                self.replay_batches -= 1  # trained on before the interruption
+                continue
             return batch
 
     def position(self) -> dict[str, Any]:
@@ -133,10 +138,21 @@ class DataStream:
             "skipped_uncounted": self.skipped_uncounted,
         }
 
-    def restore(self, position: dict[str, Any], main: bool = True) -> None:
-        """Continue from a saved :meth:`position` (``main``: the rank that keeps the id-less skip count)."""
-        # Resume in a fresh epoch so the interrupted epoch's batches are not replayed in the same order.
-        self.epoch = position["epoch"] + 1
+    def restore(self, position: dict[str, Any], main: bool = True, exact: bool = True) -> None:
+        """Continue from a saved :meth:`position`.
+
+        Args:
+            position: what :meth:`position` returned.
+            main: this is the rank that keeps the count of id-less skips.
+            exact: continue the interrupted epoch with the batch after the last one trained on (its
+                batches are drawn again and dropped, which costs reading them: epochs are seeded, so
+                the stream is the same); False: start the next epoch (no re-reading, but the rest of
+                the interrupted epoch is never seen).
+        """
+        if exact:
+            self.epoch, self.replay_batches = position["epoch"], position["batches_in_epoch"]
+        else:
+            self.epoch = position["epoch"] + 1
         self.skipped_ids = set(position.get("skipped_ids", []))
         self.skipped_uncounted = position.get("skipped_uncounted", 0) if main else 0
 
@@ -290,7 +306,7 @@ class Trainer:
         self.samples_seen = state.get("samples_seen", 0)
         for name, position in state.get("data", {}).items():
             if name in self.streams:
-                self.streams[name].restore(position, main=self.is_main)
+                self.streams[name].restore(position, main=self.is_main, exact=self.config.train.data_resume == "exact")
         logger.info("resumed from %s at step %d", checkpoint, self.step)
 
     # ------------------------------------------------------------------ logging
