@@ -12,6 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from mmptm.training.checkpoint import latest_checkpoint
+
 FIXTURES = Path(__file__).resolve().parent / "fixed_batches.py"
 TINY = [
     "model.embed_dim=32", "model.vision.width=32", "model.vision.layers=1", "model.vision.heads=2",
@@ -61,3 +63,44 @@ def test_two_processes_train_like_one_on_the_same_global_batch(tmp_path, demo, o
     # ... and the weights did move between those steps.
     first, last = weights_at(tmp_path / "one", 1), weights_at(tmp_path / "one", 3)
     assert (first["visual.proj"] - last["visual.proj"]).abs().max() > 1e-4
+
+
+def test_sigterm_stops_every_rank_at_the_same_step_with_a_checkpoint(tmp_path, demo):
+    """Both processes of a 2-rank run get SIGTERM (as from a scheduler) at slightly different moments."""
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    port = str(29500 + (os.getpid() + 7) % 1000)
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": port, "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank),
+               "LOCAL_WORLD_SIZE": "2"}
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "mmptm.cli", "train", "clip_tiny.yaml", *TINY, "train.max_steps=100000",
+             "train.checkpoint_every=100000", "--import", str(FIXTURES), "--output-dir", str(run)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        ))
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "metrics.jsonl").exists() or len((run / "metrics.jsonl").read_text().splitlines()) < 3:
+            assert all(p.poll() is None for p in procs), procs[0].stdout.read()
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        procs[1].send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        procs[0].send_signal(signal.SIGTERM)
+        outputs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert "stopped by " in outputs[0] and "continue with --resume" in outputs[0]
+    checkpoint = latest_checkpoint(run)
+    step = int(checkpoint.name.split("_")[1])
+    assert (checkpoint / "training_state" / "state.json").is_file()
+    assert json.loads((checkpoint / "training_state" / "state.json").read_text())["step"] == step
+    # The last logged step is the checkpoint's: both ranks stopped together.
+    logged = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1] == step

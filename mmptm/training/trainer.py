@@ -593,7 +593,10 @@ class Trainer:
             if progress is not None:
                 progress.close()
             for sig, handler in previous_handlers:
-                signal.signal(sig, handler)
+                # After a stop request the process is about to exit: a repeated (or, on a rank that
+                # stopped because another one did, a late) signal must not kill it while it shuts
+                # down. SIG_IGN, unlike a Python handler, survives the interpreter's finalisation.
+                signal.signal(sig, handler if self.stopped_by is None else signal.SIG_IGN)
             self._close_logs()
 
     def _should_stop(self) -> bool:
