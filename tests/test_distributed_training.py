@@ -104,3 +104,48 @@ def test_sigterm_stops_every_rank_at_the_same_step_with_a_checkpoint(tmp_path, d
     # The last logged step is the checkpoint's: both ranks stopped together.
     logged = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert logged[-1] == step
+
+
+def _read_epoch_in_rank(rank: int, world_size: int, init_file: str, shards: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from mmptm.data_pipelines.context import DataContext
+    from mmptm.data_pipelines.image_text import image_text
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        context = DataContext(image_size=16, training=True, rank=dist.get_rank(), world_size=dist.get_world_size())
+        keys = []
+        for batch in image_text(context, shards, batch_size=3, num_workers=2, drop_last=False):
+            keys += batch.get("key", [])
+        everyone: list[list[str] | None] = [None] * world_size
+        dist.all_gather_object(everyone, keys)
+        if rank == 0:
+            (Path(out_dir) / "keys.json").write_text(json.dumps(everyone))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("num_shards", [6, 1], ids=["shards split", "samples split"])
+def test_a_sharded_epoch_reaches_every_sample_once_across_ranks_and_workers(tmp_path, num_shards):
+    import io
+
+    import torch.multiprocessing as mp
+    from PIL import Image
+
+    from mmptm.data_pipelines.shards import open_tar_writer
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), "white").save(buffer, format="png")
+    (tmp_path / "shards").mkdir()
+    all_keys = []
+    for shard in range(num_shards):
+        with open(tmp_path / "shards" / f"{shard:05d}.tar", "wb") as stream, open_tar_writer(stream) as tar:
+            for i in range(30 // num_shards):
+                all_keys.append(f"{shard}-{i:03d}")
+                tar.write({"__key__": all_keys[-1], "png": buffer.getvalue(), "txt": b"a white square"})
+    mp.spawn(_read_epoch_in_rank, args=(2, str(tmp_path / "init"), str(tmp_path / "shards"), str(tmp_path)),
+             nprocs=2, join=True)
+    per_rank = json.loads((tmp_path / "keys.json").read_text())
+    assert all(per_rank)  # both ranks read
+    assert sorted(per_rank[0] + per_rank[1]) == sorted(all_keys)  # each sample exactly once
