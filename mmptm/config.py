@@ -124,8 +124,18 @@ class EvalConfig(_Section):
 
 
 class DistributedConfig(_Section):
-    strategy: Literal["none", "ddp", "fsdp"] = "none"
-    find_unused_parameters: bool = False
+    """Data parallelism when the run is launched as several processes (torchrun, accelerate launch, srun).
+
+    The process count comes from the launcher; one process trains alone. FSDP
+    sharding is not available yet (see the roadmap in README.md).
+    """
+
+    strategy: Literal["ddp"] = Field(
+        "ddp", description="ddp: every process holds the whole model, gradients are averaged"
+    )
+    find_unused_parameters: bool = Field(
+        False, description="DDP's option for models whose forward leaves some parameters without gradient"
+    )
 
 
 class Config(_Section):
@@ -151,7 +161,7 @@ class Config(_Section):
 # Constructor parameters the trainer fills at run time; YAML does not set them.
 RUNTIME_PARAMETERS: dict[str, set[str]] = {
     "encoder": {"embed_dim", "vocab_size", "pad_id", "eot_id"},
-    "model": {"vocab_size", "pad_id", "eot_id"},
+    "model": {"vocab_size", "pad_id", "eot_id", "bos_id", "mask_id"},
     "dataset": {"context"},
     "objective": set(),
     "evaluator": {"model", "context"},
@@ -393,7 +403,7 @@ def validate_component(registry: Registry, section: Any, key: str, where: str) -
     result: dict[str, Any] = {"name": name}
     for option in options:
         value = getattr(validated, option)
-        if _is_encoder_spec(hints.get(option)):
+        if _is_encoder_spec(hints.get(option)) and value is not None:
             value = validate_component(ENCODERS, value, f"{key}.{option}", where)
         result[option] = value
     # Encoder specs left at their default are validated too, so a bad default fails early.
@@ -412,7 +422,8 @@ def _type_hints(factory: Any) -> dict[str, Any]:
 
 
 def _is_encoder_spec(annotation: Any) -> bool:
-    return "mmptm.encoder" in getattr(annotation, "__metadata__", ())
+    """Whether an option is an encoder section: ``EncoderSpec``, or ``EncoderSpec | None`` (optional tower)."""
+    return any("mmptm.encoder" in getattr(a, "__metadata__", ()) for a in (annotation, *typing.get_args(annotation)))
 
 
 def _format_validation_error(err: ValidationError, where: str, schema: type[BaseModel], prefix: str = "") -> str:

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from torch import nn
 
 from mmptm.config import Config, ConfigError
@@ -194,6 +194,9 @@ class Trainer:
             # accelerate runs several CPU processes (torchrun, gloo) only when told it is on the CPU.
             cpu=not on_gpu,
             step_scheduler_with_optimizer=False,
+            kwargs_handlers=[
+                DistributedDataParallelKwargs(find_unused_parameters=config.distributed.find_unused_parameters)
+            ],
         )
         self.is_main = self.accelerator.is_main_process
         set_seed(tc.seed)
