@@ -126,12 +126,13 @@ class EvalConfig(_Section):
 class DistributedConfig(_Section):
     """Data parallelism when the run is launched as several processes (torchrun, accelerate launch, srun).
 
-    The process count comes from the launcher; one process trains alone. FSDP
-    sharding is not available yet (see the roadmap in README.md).
+    The process count comes from the launcher; one process trains alone.
     """
 
-    strategy: Literal["ddp"] = Field(
-        "ddp", description="ddp: every process holds the whole model, gradients are averaged"
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="ddp: every process holds the whole model, gradients are averaged; fsdp: parameters, "
+        "gradients and optimizer state are sharded over the processes (FSDP2, per transformer block)",
     )
     find_unused_parameters: bool = Field(
         False, description="DDP's option for models whose forward leaves some parameters without gradient"

