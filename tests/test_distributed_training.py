@@ -47,11 +47,14 @@ def weights_at(run: Path, step: int) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize(
-    ("strategy", "objective"), [("ddp", "contrastive"), ("ddp", "siglip"), ("fsdp", "contrastive")]
+    ("strategy", "objective"),
+    [("ddp", "contrastive"), ("ddp", "siglip"), ("ddp", "chunked contrastive"), ("fsdp", "contrastive")],
 )
 def test_two_processes_train_like_one_on_the_same_global_batch(tmp_path, demo, strategy, objective):
     overrides = ["train.max_steps=3", "train.checkpoint_every=1", "train.keep_checkpoints=3",
                  f"distributed.strategy={strategy}"]
+    if objective == "chunked contrastive":
+        overrides += ["objectives=[{name: contrastive, chunk_size: 5}]"]
     if objective == "siglip":
         overrides += ["objectives=[{name: siglip}]", "model.init_logit_bias=-10", "model.init_logit_scale=2.302585"]
     train(tmp_path / "one", 1, overrides)

@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from mmptm.objectives import ContrastiveLoss, SigLipLoss, clip_contrastive_loss, siglip_loss
+from mmptm.objectives.contrastive import chunked_contrastive_loss, retrieval_accuracy
 from mmptm.registry import OBJECTIVES, build
 from mmptm.training.distributed import all_reduce_mean, gather_features, world_info
 
@@ -177,6 +178,30 @@ def test_objective_trains_a_fake_model(objective_name: str) -> None:
 def test_siglip_without_logit_bias_explains_the_fix() -> None:
     with pytest.raises(ValueError, match=r"model\.init_logit_bias: -10.*model\.init_logit_scale: 2\.302585"):
         SigLipLoss()(FakeDualEncoder(init_logit_bias=None), fake_batch())
+
+
+@pytest.mark.parametrize(("n", "chunk_size"), [(37, 8), (37, 1), (12, 100)])
+def test_chunked_contrastive_equals_the_full_logits_loss(n: int, chunk_size: int) -> None:
+    image, text = random_features(5, n)
+    full = loss_and_grads(mmptm_clip(False, True), image, text, SCALE)
+    chunked = loss_and_grads(lambda i, t, s: chunked_contrastive_loss(i, t, s, chunk_size)[0], image, text, SCALE)
+    assert_same(chunked, full)
+    _, logits_per_image, logits_per_text = clip_contrastive_loss(image, text, torch.tensor(SCALE, dtype=torch.float64))
+    labels = torch.arange(n)
+    _, i2t, t2i = chunked_contrastive_loss(image, text, torch.tensor(SCALE, dtype=torch.float64), chunk_size)
+    assert i2t == retrieval_accuracy(logits_per_image, labels) and t2i == retrieval_accuracy(logits_per_text, labels)
+
+
+def test_chunked_contrastive_objective_gives_the_same_gradients() -> None:
+    grads = []
+    for options in ({"name": "contrastive"}, {"name": "contrastive", "chunk_size": 3}):
+        model = fake_model("contrastive")
+        out = build(OBJECTIVES, options)(model, fake_batch())
+        out["loss"].backward()
+        grads.append({"loss": out["loss"].detach(), **model_grads(model)})
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="cannot be combined with local_loss"):
+        build(OBJECTIVES, {"name": "contrastive", "chunk_size": 3, "local_loss": True})
 
 
 # ---------------------------------------------------------------- two processes over gloo

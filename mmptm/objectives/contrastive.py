@@ -102,6 +102,81 @@ def clip_contrastive_loss(
     return loss, logits_per_image, logits_per_text
 
 
+class _ChunkedContrastive(torch.autograd.Function):
+    """The global ``[N, N]`` symmetric InfoNCE computed in row chunks, forward and backward.
+
+    Forward keeps, per row, the log-sum-exp of the image->text logits and, per
+    column, a running log-sum-exp of the text->image logits; backward
+    recomputes each chunk of logits and uses ``dL/dlogits = (softmax_rows +
+    softmax_columns) / 2N - I / N``. Memory is ``O(chunk_size x N)`` instead of
+    the ``O(N^2)`` of materialised logits and their softmax gradients: the
+    trick of GradCache (Gao et al. 2021) applied inside the loss, so the
+    contrastive batch is bounded by compute, not memory.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, chunk_size: int) -> Any:
+        n = image.shape[0]
+        row_lse = image.new_empty(n)
+        col_lse = image.new_full((n,), float("-inf"))
+        row_hits = image.new_zeros(())
+        col_best = image.new_full((n,), float("-inf"))
+        col_arg = torch.zeros(n, dtype=torch.long, device=image.device)
+        for start in range(0, n, chunk_size):
+            rows = slice(start, min(start + chunk_size, n))
+            logits = scale * image[rows] @ text.T
+            row_lse[rows] = torch.logsumexp(logits, dim=1)
+            col_lse = torch.logaddexp(col_lse, torch.logsumexp(logits, dim=0))
+            row_hits += (logits.argmax(dim=1) == torch.arange(start, rows.stop, device=image.device)).sum()
+            best, arg = logits.max(dim=0)
+            better = best > col_best
+            col_best = torch.where(better, best, col_best)
+            col_arg = torch.where(better, arg + start, col_arg)
+        diagonal = scale * (image * text).sum(dim=-1)
+        loss = ((row_lse - diagonal).mean() + (col_lse - diagonal).mean()) / 2
+        ctx.save_for_backward(image, text, scale, row_lse, col_lse)
+        ctx.chunk_size = chunk_size
+        i2t_acc = row_hits / n
+        t2i_acc = (col_arg == torch.arange(n, device=image.device)).float().mean()
+        ctx.mark_non_differentiable(i2t_acc, t2i_acc)
+        return loss, i2t_acc, t2i_acc
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: torch.Tensor, *_: Any) -> Any:
+        image, text, scale, row_lse, col_lse = ctx.saved_tensors
+        n = image.shape[0]
+        grad_image, grad_text = torch.zeros_like(image), torch.zeros_like(text)
+        grad_scale = torch.zeros((), dtype=image.dtype, device=image.device)
+        for start in range(0, n, ctx.chunk_size):
+            rows = slice(start, min(start + ctx.chunk_size, n))
+            similarity = image[rows] @ text.T
+            logits = scale * similarity
+            grad = (torch.exp(logits - row_lse[rows, None]) + torch.exp(logits - col_lse[None, :])) / (2 * n)
+            local = torch.arange(rows.stop - start, device=image.device)
+            grad[local, local + start] -= 1 / n
+            grad_image[rows] = scale * grad @ text
+            grad_text += scale * grad.T @ image[rows]
+            grad_scale += (grad * similarity).sum()
+        return grad_loss * grad_image, grad_loss * grad_text, (grad_loss * grad_scale).reshape(scale.shape), None
+
+
+def chunked_contrastive_loss(
+    image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor, chunk_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CLIP's symmetric InfoNCE over ``N`` pairs without materialising the ``[N, N]`` logits.
+
+    The same loss and gradients as :func:`clip_contrastive_loss` on one
+    process (or on gathered features), in ``O(chunk_size x N)`` memory; see
+    :class:`_ChunkedContrastive`.
+
+    Returns:
+        ``(loss, i2t_acc, t2i_acc)``: the loss and the top-1 retrieval accuracies (no gradient).
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return _ChunkedContrastive.apply(image_features, text_features, logit_scale, chunk_size)
+
+
 def encode_pairs(model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Run a dual encoder on a batch of pairs; return open_clip's output dict.
 
@@ -126,12 +201,21 @@ class ContrastiveLoss(nn.Module):
         gather_with_grad: back-propagate through the feature all-gather, giving
             exact global-batch gradients (recommended; open_clip's
             ``--gather-with-grad``).
+        chunk_size: compute the global ``[N, N]`` logits in chunks of this many
+            rows, forward and backward, so that memory grows linearly in the
+            global batch (see :func:`chunked_contrastive_loss`); the same loss
+            and gradients. Not with ``local_loss`` (whose logits are already ``[B, N]``).
     """
 
-    def __init__(self, local_loss: bool = False, gather_with_grad: bool = True) -> None:
+    def __init__(self, local_loss: bool = False, gather_with_grad: bool = True, chunk_size: int | None = None) -> None:
         super().__init__()
+        if chunk_size is not None and (local_loss or chunk_size < 1):
+            raise ValueError(
+                f"contrastive: chunk_size ({chunk_size}) must be >= 1 and cannot be combined with local_loss"
+            )
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
+        self.chunk_size = chunk_size
         # Labels depend only on (device, batch size): cache them as open_clip does, keyed
         # also on inference mode, since an inference tensor cannot be saved for backward.
         self._labels: dict[tuple[torch.device, int, bool], torch.Tensor] = {}
@@ -152,6 +236,14 @@ class ContrastiveLoss(nn.Module):
         """
         out = encode_pairs(model, batch)
         image_features = out["image_features"]
+        if self.chunk_size is not None:
+            all_image, all_text = image_features, out["text_features"]
+            if world_info()[1] > 1:
+                all_image, all_text = gather_features(
+                    all_image, all_text, local_loss=False, gather_with_grad=self.gather_with_grad
+                )
+            loss, i2t_acc, t2i_acc = chunked_contrastive_loss(all_image, all_text, out["logit_scale"], self.chunk_size)
+            return {"loss": loss, "logit_scale": out["logit_scale"].detach(), "i2t_acc": i2t_acc, "t2i_acc": t2i_acc}
         labels = self.ground_truth(image_features.shape[0], image_features.device)
         loss, logits_per_image, logits_per_text = clip_contrastive_loss(
             image_features,
