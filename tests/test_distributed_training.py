@@ -164,6 +164,10 @@ def test_an_fsdp_checkpoint_resumes_on_one_or_two_processes(tmp_path, demo):
     train(tmp_path / "full", 2, overrides)
     reference = losses(tmp_path / "full")
     assert len(reference) == 6
+    saved = tmp_path / "full" / "checkpoints" / "step_00000003"
+    assert (saved / "training_state" / "distributed" / ".metadata").is_file()  # per-rank shards, not gathered
+    assert not (saved / "training_state" / "optimizer.pt").exists()
+    assert not list((tmp_path / "full" / "checkpoints").glob(".tmp*"))
     for nproc in (1, 2):
         run = tmp_path / f"resumed_on_{nproc}"
         shutil.copytree(tmp_path / "full", run)

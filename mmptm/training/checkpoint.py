@@ -97,6 +97,7 @@ def save_checkpoint(
     scheduler: Any = None,
     state: dict[str, Any] | None = None,
     keep: int = 3,
+    staging: Path | None = None,
 ) -> Path:
     """Write ``step_XXXXXXXX`` atomically, point ``latest`` at it and keep the newest ``keep``.
 
@@ -107,9 +108,12 @@ def save_checkpoint(
         config_yaml: the resolved run config.
         tokenizer: saved with its ``save(folder)`` (``tokenizer.model``, or ``vocab.json`` + ``merges.txt``)
             when given.
-        optimizer / scheduler / state: training state for ``--resume`` (omit for an export); the
-            optimizer may be given as its state dict.
+        optimizer / scheduler / state: training state for ``--resume`` (omit ``state`` for an export);
+            the optimizer may be given as its state dict, or be None when ``staging`` already holds
+            its shards (``training_state/distributed``).
         keep: how many step checkpoints to keep.
+        staging: the temporary folder to fill and rename, when other processes already wrote
+            into it (see :func:`staging_dir`); default: a new one.
 
     Returns:
         The checkpoint folder.
@@ -117,17 +121,18 @@ def save_checkpoint(
     root = checkpoints_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
+    tmp = staging or Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
     try:
         (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
         save_weights(model, tmp / "model.safetensors")
         if tokenizer is not None:
             tokenizer.save(tmp)
-        if optimizer is not None:
+        if state is not None:
             ts = tmp / "training_state"
-            ts.mkdir()
-            state_dict = optimizer if isinstance(optimizer, Mapping) else optimizer.state_dict()
-            torch.save(state_dict, ts / "optimizer.pt")
+            ts.mkdir(exist_ok=True)
+            if optimizer is not None:
+                state_dict = optimizer if isinstance(optimizer, Mapping) else optimizer.state_dict()
+                torch.save(state_dict, ts / "optimizer.pt")
             if scheduler is not None:
                 torch.save(scheduler.state_dict(), ts / "scheduler.pt")
             torch.save(rng_state(), ts / "rng.pt")
@@ -216,3 +221,17 @@ def load_training_state(
 
 def optimizer_state_file(checkpoint: Path) -> Path:
     return checkpoint / "training_state" / "optimizer.pt"
+
+
+def staging_dir(run_dir: str | Path, step: int) -> Path:
+    """The temporary folder every process of a sharded save writes into before rank 0 renames it.
+
+    Deterministic, so that all ranks agree on it without communicating; the
+    caller (rank 0) empties it before the others write.
+    """
+    return checkpoints_dir(run_dir) / f".tmp-step_{step:08d}-sharded"
+
+
+def distributed_state_dir(checkpoint: Path) -> Path:
+    """Where a sharded run keeps its per-rank model and optimizer shards (``torch.distributed.checkpoint``)."""
+    return checkpoint / "training_state" / "distributed"

@@ -6,15 +6,18 @@ the root with ``torch.distributed.fsdp.fully_shard`` (FSDP2, per-parameter
 sharding; the ZeRO-3 scheme surveyed in Han et al. 2021, sec. 6.1). It runs on
 CUDA with NCCL and on CPU processes with gloo alike, which is how it is tested.
 
-Checkpoints hold full, unsharded state in one layout whatever the strategy
-and process count: ``model.safetensors`` as for a single process, and the
-optimizer state keyed by parameter name. A run saved by 2 FSDP processes
-therefore resumes with 1 process, or with 4, and loads for inference as any
-other checkpoint.
+Checkpoints load whatever the strategy and process count. A sharded run saves
+its model and optimizer shards with ``torch.distributed.checkpoint`` (every
+rank writes its part, nothing is gathered) and, for inference, a consolidated
+``model.safetensors``; DDP and single-process runs save full state, the
+optimizer keyed by parameter name. A run saved by 2 FSDP processes therefore
+resumes with 1 process, or with 4, and loads for inference as any other
+checkpoint.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -159,3 +162,32 @@ def load_optimizer_state(
         "state": {index[name]: value for name, value in state["state"].items()},
         "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in state["param_groups"]],
     })
+
+
+def save_distributed_state(modules: nn.Module, optimizer: torch.optim.Optimizer, path: str | Path) -> None:
+    """Every rank writes its shards of the model and optimizer state (``torch.distributed.checkpoint``).
+
+    The folder reloads on any number of processes, sharded or not (see :func:`load_distributed_state`);
+    nothing is gathered, so it scales to models whose full state does not fit in one process.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    state = {"model": get_model_state_dict(modules), "optimizer": get_optimizer_state_dict(modules, optimizer)}
+    dcp.save(state, checkpoint_id=str(path))
+
+
+def load_distributed_state(modules: nn.Module, optimizer: torch.optim.Optimizer, path: str | Path) -> None:
+    """Load what :func:`save_distributed_state` wrote, resharded for this run's processes."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    state = {"model": get_model_state_dict(modules), "optimizer": get_optimizer_state_dict(modules, optimizer)}
+    dcp.load(state, checkpoint_id=str(path))
+    set_model_state_dict(modules, state["model"])
+    set_optimizer_state_dict(modules, optimizer, state["optimizer"])

@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import math
+import shutil
 import signal
 import sys
 import time
@@ -44,21 +45,25 @@ from mmptm.evaluation.retrieval import RECALL_K
 from mmptm.models import create_model
 from mmptm.registry import DATASETS, EVALUATORS, OBJECTIVES, build
 from mmptm.training.checkpoint import (
+    distributed_state_dir,
     latest_checkpoint,
     load_training_state,
     load_weights,
     optimizer_state_file,
     resolve_checkpoint,
     save_checkpoint,
+    staging_dir,
 )
 from mmptm.training.optim import build_optimizer, build_scheduler
 from mmptm.training.sharding import (
     average_replicated_grads,
     clip_grad_norm,
+    load_distributed_state,
     load_model_state,
     load_optimizer_state,
     model_state,
     optimizer_state,
+    save_distributed_state,
     shard_model,
 )
 
@@ -323,16 +328,19 @@ class Trainer:
         if checkpoint is None:
             logger.warning("--resume: no checkpoint in %s yet; starting from step 0", self.output_dir)
             return
-        if self.sharded:
-            load_model_state(self.model, load_file(str(checkpoint / "model.safetensors")), sharded=True)
+        if distributed_state_dir(checkpoint).is_dir():  # shards of a sharded run, resharded for this one
+            load_distributed_state(self.trained_modules, self._inner_optimizer(), distributed_state_dir(checkpoint))
         else:
-            load_weights(self.model, checkpoint / "model.safetensors")
-        load_optimizer_state(
-            self.trained_modules,
-            self._inner_optimizer(),
-            torch.load(optimizer_state_file(checkpoint), map_location="cpu", weights_only=True),
-            self.sharded,
-        )
+            if self.sharded:
+                load_model_state(self.model, load_file(str(checkpoint / "model.safetensors")), sharded=True)
+            else:
+                load_weights(self.model, checkpoint / "model.safetensors")
+            load_optimizer_state(
+                self.trained_modules,
+                self._inner_optimizer(),
+                torch.load(optimizer_state_file(checkpoint), map_location="cpu", weights_only=True),
+                self.sharded,
+            )
         state = load_training_state(checkpoint, scheduler=self.scheduler)
         self.step = state["step"]
         self.samples_seen = state.get("samples_seen", 0)
@@ -380,9 +388,18 @@ class Trainer:
         """Write a resumable checkpoint of the current step (main process), then sync every rank."""
         path = None
         uncounted = self._exchange_skipped()  # every rank's skipped ids, gathered onto each rank
-        # Full (unsharded) states: collectives under FSDP, so every rank takes part; rank 0 gets them.
+        staging, optimizer_full = None, None
+        if self.sharded:  # every rank writes its shards into the folder rank 0 will rename
+            staging = staging_dir(self.output_dir, self.step)
+            if self.is_main:
+                shutil.rmtree(staging, ignore_errors=True)
+                staging.mkdir(parents=True)
+            self.accelerator.wait_for_everyone()
+            save_distributed_state(self.trained_modules, self._inner_optimizer(), distributed_state_dir(staging))
+        else:
+            optimizer_full = optimizer_state(self.trained_modules, self._inner_optimizer(), sharded=False)
+        # The consolidated weights, for inference (a collective under FSDP; rank 0 gets them).
         weights = model_state(self.model, self.sharded)
-        optimizer_full = optimizer_state(self.trained_modules, self._inner_optimizer(), self.sharded)
         if self.is_main:
             data = {
                 name: {
@@ -400,6 +417,7 @@ class Trainer:
                 self.config.to_yaml(),
                 self.tokenizer,
                 optimizer=optimizer_full,
+                staging=staging,
                 scheduler=self.scheduler,
                 state=state,
                 keep=self.config.train.keep_checkpoints,
