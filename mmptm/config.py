@@ -137,6 +137,11 @@ class DistributedConfig(_Section):
     find_unused_parameters: bool = Field(
         False, description="DDP's option for models whose forward leaves some parameters without gradient"
     )
+    cpu_offload: bool = Field(
+        False,
+        description="fsdp: keep parameter shards, gradients and optimizer state in CPU memory between uses "
+        "(GPUs only)",
+    )
 
 
 class Config(_Section):

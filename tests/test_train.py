@@ -283,3 +283,9 @@ def test_registered_evaluators_run_in_eval_tasks(tmp_path, demo):
             mmptm.load_config("clip_tiny.yaml", ["eval.tasks=[{name: caption_norm_for_test, txt: x}]"])
     finally:
         EVALUATORS._entries.pop("caption_norm_for_test", None)
+
+
+def test_cpu_offload_without_gpus_is_rejected_with_the_reason(demo):
+    config = mmptm.load_config("clip_tiny.yaml", [*TINY, "distributed.strategy=fsdp", "distributed.cpu_offload=true"])
+    with pytest.raises(mmptm.ConfigError, match="needs distributed.strategy=fsdp and GPUs"):
+        mmptm.train(config, output_dir=None)

@@ -43,7 +43,7 @@ def shard_units(model: nn.Module) -> list[nn.Module]:
     return units
 
 
-def shard_model(model: nn.Module, precision: str) -> list[nn.Parameter]:
+def shard_model(model: nn.Module, precision: str, cpu_offload: bool = False) -> list[nn.Parameter]:
     """Apply FSDP2 in place: each block of :func:`shard_units`, then the root.
 
     Scalar parameters (a CLIP's ``logit_scale``, SigLIP's ``logit_bias``)
@@ -54,17 +54,30 @@ def shard_model(model: nn.Module, precision: str) -> list[nn.Parameter]:
         model: the model, on its device, in the default process group.
         precision: ``fp32``, or ``bf16``/``fp16`` to gather parameters and compute in that
             type (gradients are still reduced in fp32).
+        cpu_offload: keep shards, gradients and optimizer state in pinned CPU memory, moved to the
+            GPU around each use (FSDP2's ``CPUOffloadPolicy``; it needs CUDA).
 
     Returns:
         The replicated (unsharded) parameters.
     """
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    from torch.distributed.fsdp import (
+        CPUOffloadPolicy,
+        MixedPrecisionPolicy,
+        OffloadPolicy,
+        fully_shard,
+        register_fsdp_forward_method,
+    )
 
-    policy = MixedPrecisionPolicy(param_dtype=MIXED_PRECISION_PARAMS.get(precision), reduce_dtype=torch.float32)
+    options = {
+        "mp_policy": MixedPrecisionPolicy(
+            param_dtype=MIXED_PRECISION_PARAMS.get(precision), reduce_dtype=torch.float32
+        ),
+        "offload_policy": CPUOffloadPolicy() if cpu_offload else OffloadPolicy(),
+    }
     replicated = [p for p in model.parameters() if p.ndim == 0]
     for unit in shard_units(model):
-        fully_shard(unit, mp_policy=policy, ignored_params=set(replicated))
-    fully_shard(model, mp_policy=policy, ignored_params=set(replicated))
+        fully_shard(unit, ignored_params=set(replicated), **options)
+    fully_shard(model, ignored_params=set(replicated), **options)
     for method in FORWARD_METHODS:
         if hasattr(model, method):
             register_fsdp_forward_method(model, method)

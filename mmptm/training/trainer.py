@@ -234,7 +234,14 @@ class Trainer:
         self.objectives.to(self.accelerator.device)
         # FSDP with a single process would shard over nothing: it trains like plain single-process.
         self.sharded = config.distributed.strategy == "fsdp" and self.accelerator.num_processes > 1
-        self.replicated_params = shard_model(self.model, self.precision) if self.sharded else []
+        if config.distributed.cpu_offload and (config.distributed.strategy != "fsdp" or not on_gpu):
+            raise ConfigError(
+                "distributed.cpu_offload moves FSDP shards between GPU and CPU memory: it needs "
+                "distributed.strategy=fsdp and GPUs"
+            )
+        self.replicated_params = (
+            shard_model(self.model, self.precision, config.distributed.cpu_offload) if self.sharded else []
+        )
         # Names every optimised parameter, for checkpoints that do not depend on the strategy.
         self.trained_modules = nn.ModuleDict({"model": self.model, "objectives": self.objectives})
         optimizer = build_optimizer(
