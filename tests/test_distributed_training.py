@@ -71,7 +71,8 @@ def test_two_processes_train_like_one_on_the_same_global_batch(tmp_path, demo, s
     assert (first["visual.proj"] - last["visual.proj"]).abs().max() > 1e-4
 
 
-def test_sigterm_stops_every_rank_at_the_same_step_with_a_checkpoint(tmp_path, demo):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_sigterm_stops_every_rank_at_the_same_step_with_a_checkpoint(tmp_path, demo, strategy):
     """Both processes of a 2-rank run get SIGTERM (as from a scheduler) at slightly different moments."""
     import signal
     import time
@@ -85,7 +86,8 @@ def test_sigterm_stops_every_rank_at_the_same_step_with_a_checkpoint(tmp_path, d
                "LOCAL_WORLD_SIZE": "2"}
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "mmptm.cli", "train", "clip_tiny.yaml", *TINY, "train.max_steps=100000",
-             "train.checkpoint_every=100000", "--import", str(FIXTURES), "--output-dir", str(run)],
+             "train.checkpoint_every=100000", f"distributed.strategy={strategy}", "--import", str(FIXTURES),
+             "--output-dir", str(run)],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
         ))
     try:
@@ -106,6 +108,8 @@ def test_sigterm_stops_every_rank_at_the_same_step_with_a_checkpoint(tmp_path, d
     checkpoint = latest_checkpoint(run)
     step = int(checkpoint.name.split("_")[1])
     assert (checkpoint / "training_state" / "state.json").is_file()
+    if strategy == "fsdp":  # both ranks wrote their shards
+        assert len(list((checkpoint / "training_state" / "distributed").glob("*.distcp"))) == 2
     assert json.loads((checkpoint / "training_state" / "state.json").read_text())["step"] == step
     # The last logged step is the checkpoint's: both ranks stopped together.
     logged = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
