@@ -79,7 +79,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     demo = data_sub.add_parser(
         "demo",
         help="build the embedded demo dataset (handwritten digits, captions in 10 languages)",
-        description="Build the demo dataset into $MMPTM_CACHE/demo-v1 (default ~/.cache/mmptm): "
+        description="Build the demo dataset into $MMPTM_CACHE/demo-v2 (default ~/.cache/mmptm): "
         "scikit-learn's 1,797 handwritten digits as webdataset shards with multilingual captions, "
         "a seeded train/val split and a sentencepiece tokenizer.",
     )

@@ -17,7 +17,12 @@ def tokenizer_context(tokenizer: Any) -> dict[str, int]:
     """Run-time values a text tower takes from its tokenizer."""
     if tokenizer is None:
         return {}
-    return {"vocab_size": tokenizer.vocab_size, "pad_id": tokenizer.pad_id, "eot_id": tokenizer.eos_id}
+    values = {"vocab_size": tokenizer.vocab_size, "pad_id": tokenizer.pad_id, "eot_id": tokenizer.eos_id}
+    # BERT-style models also take [CLS] (bos) and the mask id; a tokenizer without them leaves the model's default.
+    for name in ("bos_id", "mask_id"):
+        if getattr(tokenizer, name, None) is not None:
+            values[name] = getattr(tokenizer, name)
+    return values
 
 
 def create_model(config: str | dict[str, Any], tokenizer: Any = None, **options: Any) -> nn.Module:

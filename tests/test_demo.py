@@ -38,7 +38,7 @@ NUM_DIGITS = 1797
 def built(tmp_path_factory) -> tuple[DemoPaths, float]:
     """The demo with seed 0, built once, in a cache folder laid out like $MMPTM_CACHE."""
     start = time.perf_counter()
-    paths = ensure_demo(tmp_path_factory.mktemp("cache") / "demo-v1", seed=0)
+    paths = ensure_demo(tmp_path_factory.mktemp("cache") / "demo-v2", seed=0)
     return paths, time.perf_counter() - start
 
 
@@ -82,7 +82,7 @@ def test_builds_quickly_with_the_documented_layout(built):
     assert paths.languages == DEMO_LANGUAGES
     info = json.loads((paths.root / "info.json").read_text(encoding="utf-8"))
     assert (info["num_train"], info["num_val"], info["seed"]) == (paths.num_train, paths.num_val, 0)
-    assert not list(paths.root.parent.glob(".demo-v1.tmp-*"))
+    assert not list(paths.root.parent.glob(".demo-v2.tmp-*"))
 
 
 def test_counts_and_stratified_split(paths, samples):
@@ -171,7 +171,7 @@ def test_tokenizer_covers_every_caption(paths):
 
 def test_same_seed_same_bytes_even_with_two_concurrent_builders(paths, tmp_path):
     """Two processes race to build one root: both succeed, and the result matches the first build byte for byte."""
-    root = tmp_path / "demo-v1"
+    root = tmp_path / "demo-v2"
     code = f"from mmptm.data_pipelines.demo import ensure_demo; ensure_demo({str(root)!r}, seed=0)"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     builders = [subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE) for _ in range(2)]
@@ -179,7 +179,7 @@ def test_same_seed_same_bytes_even_with_two_concurrent_builders(paths, tmp_path)
         _, stderr = builder.communicate(timeout=120)
         assert builder.returncode == 0, stderr.decode()
     assert tree_bytes(root) == tree_bytes(paths.root)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".demo-v1.lock", "demo-v1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".demo-v2.lock", "demo-v2"]
 
     # Asking for another seed rebuilds in place with another split.
     other = ensure_demo(root, seed=1)
@@ -187,7 +187,7 @@ def test_same_seed_same_bytes_even_with_two_concurrent_builders(paths, tmp_path)
     assert val_keys != {s["__key__"] for s in read_shard(Path(paths.val_shards))}
     assert len(val_keys) == other.num_val == paths.num_val
     assert json.loads((root / "info.json").read_text())["seed"] == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".demo-v1.lock", "demo-v1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".demo-v2.lock", "demo-v2"]
 
 
 def test_existing_build_is_reused(paths):
@@ -202,8 +202,8 @@ def test_failed_build_leaves_nothing_behind(tmp_path, monkeypatch):
 
     monkeypatch.setattr(demo.SentencePieceTokenizer, "train", fail)
     with pytest.raises(RuntimeError, match="disk full"):
-        ensure_demo(tmp_path / "demo-v1")
-    assert [p.name for p in tmp_path.iterdir()] == [".demo-v1.lock"]
+        ensure_demo(tmp_path / "demo-v2")
+    assert [p.name for p in tmp_path.iterdir()] == [".demo-v2.lock"]
 
 
 def test_resolve_maps_demo_names_to_paths(paths, monkeypatch):
@@ -223,4 +223,4 @@ def test_resolve_maps_demo_names_to_paths(paths, monkeypatch):
 def test_demo_root_default(monkeypatch, tmp_path):
     monkeypatch.delenv("MMPTM_CACHE", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert demo_root() == tmp_path / ".cache" / "mmptm" / "demo-v1"
+    assert demo_root() == tmp_path / ".cache" / "mmptm" / "demo-v2"

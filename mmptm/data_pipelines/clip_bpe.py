@@ -203,6 +203,11 @@ class ClipBPETokenizer:
         return self._encoder[BOS_TOKEN]
 
     @property
+    def mask_id(self) -> None:
+        """None: CLIP's vocabulary has no mask token, so masked-LM objectives refuse this tokenizer."""
+        return None
+
+    @property
     def eos_id(self) -> int:
         return self._encoder[EOS_TOKEN]
 

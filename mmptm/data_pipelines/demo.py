@@ -8,9 +8,9 @@ train and evaluate without a download:
   data), upsampled bicubically to 32×32 and stored as RGB PNG;
 - captions: our own templates (the same ones serve as zero-shot prompts)
   filled with the number word of ``num2words`` in each language;
-- a sentencepiece tokenizer (BPE, byte fallback) trained on all the caption text.
+- a sentencepiece tokenizer (BPE, byte fallback, a ``<mask>`` piece) trained on all the caption text.
 
-Layout of ``$MMPTM_CACHE/demo-v1`` (default ``~/.cache/mmptm/demo-v1``)::
+Layout of ``$MMPTM_CACHE/demo-v2`` (default ``~/.cache/mmptm/demo-v2``)::
 
     train-000000.tar ...   webdataset shards of 500 samples, img2dataset-style
     val-000000.tar ...     a seeded, class-stratified 20% of the images
@@ -34,7 +34,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,7 +50,7 @@ try:  # POSIX: serialise concurrent builders; elsewhere the atomic rename alone 
 except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
-DEMO_VERSION = "demo-v1"
+DEMO_VERSION = "demo-v2"
 DEMO_LANGUAGES: tuple[str, ...] = ("en", "fr", "de", "es", "it", "pt", "nl", "pl", "ru", "tr")
 # The parts `resolve("demo:<name>")` knows.
 DEMO_NAMES = ("train", "val", "tokenizer", "classnames", "templates")
@@ -173,7 +173,7 @@ class DemoPaths:
 
 
 def demo_root() -> Path:
-    """``$MMPTM_CACHE/demo-v1``, by default ``~/.cache/mmptm/demo-v1``."""
+    """``$MMPTM_CACHE/demo-v2``, by default ``~/.cache/mmptm/demo-v2``."""
     return Path(os.environ.get("MMPTM_CACHE", "~/.cache/mmptm")).expanduser() / DEMO_VERSION
 
 
@@ -185,9 +185,7 @@ def demo_classnames() -> dict[str, list[str]]:
 def ensure_demo(root: str | os.PathLike | None = None, seed: int = 0, force: bool = False) -> DemoPaths:
     """Build the demo dataset unless a complete build with this seed exists.
 
-    The build goes to a temporary directory next to ``root`` and is renamed
-    into place, so a crash never leaves a half dataset; concurrent builders
-    wait on a lock file (POSIX) and then find the finished build.
+    The build is atomic (see :func:`ensure_built`).
 
     Args:
         root: target directory (default :func:`demo_root`).
@@ -198,30 +196,56 @@ def ensure_demo(root: str | os.PathLike | None = None, seed: int = 0, force: boo
         The paths of the built dataset.
     """
     root = Path(root) if root is not None else demo_root()
-    if not force and (info := _read_info(root, seed)) is not None:
-        return _demo_paths(root, info)
+    return _demo_paths(root, ensure_built(root, seed, force, DEMO_VERSION, build_demo))
+
+
+def ensure_built(
+    root: Path, seed: int, force: bool, version: str, build: Callable[[Path, int], dict]
+) -> dict:
+    """Run ``build(directory, seed)`` into ``root`` atomically unless a complete build of ``version`` is there.
+
+    The build goes to a temporary directory next to ``root`` and is renamed
+    into place, so a crash never leaves a half dataset; concurrent builders
+    wait on a lock file (POSIX) and then find the finished build.
+
+    Args:
+        root: target directory.
+        seed: the build's seed, recorded in its ``info.json``.
+        force: rebuild even if a complete build exists.
+        version: the ``version`` its ``info.json`` must have.
+        build: writes the dataset and returns the ``info.json`` contents it wrote last.
+
+    Returns:
+        The build's ``info.json`` contents.
+    """
+    if not force and (info := _read_info(root, seed, version)) is not None:
+        return info
     root.parent.mkdir(parents=True, exist_ok=True)
     with _build_lock(root):
-        info = None if force else _read_info(root, seed)  # another process may have built it meanwhile
+        info = None if force else _read_info(root, seed, version)  # another process may have built it meanwhile
         if info is None:
             if fcntl is not None:  # only under a real lock is every temporary build a crashed one
                 for stale in root.parent.glob(f".{root.name}.tmp-*"):
                     shutil.rmtree(stale, ignore_errors=True)
             tmp = root.parent / f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             try:
-                info = build_demo(tmp, seed)
-                _replace_dir(tmp, root, seed)
+                info = build(tmp, seed)
+                _replace_dir(tmp, root, seed, version)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
-    return _demo_paths(root, info)
+    return info
 
 
 def resolve(spec: str) -> str:
-    """Map ``demo:<name>`` to a path of the demo dataset (building it on first use).
+    """Map ``demo:<name>`` to a path of a demo dataset (building it on first use).
 
     Args:
         spec: ``demo:train``, ``demo:val`` (shard patterns), ``demo:tokenizer``,
-            ``demo:classnames``, ``demo:templates``; any other string is returned unchanged.
+            ``demo:classnames``, ``demo:templates`` (the image-text demo), or a part of the
+            multilingual demo corpus (:mod:`mmptm.data_pipelines.demo_multilingual`):
+            ``demo:text_train``, ``demo:text_val`` (folders of per-language shard folders),
+            ``demo:parallel_train``, ``demo:parallel_val``, ``demo:multilingual_tokenizer``;
+            any other string is returned unchanged.
 
     Returns:
         The path or shard pattern.
@@ -231,9 +255,14 @@ def resolve(spec: str) -> str:
     """
     if not spec.startswith("demo:"):
         return spec
+    from mmptm.data_pipelines.demo_multilingual import MULTILINGUAL_NAMES, resolve_multilingual
+
     name = spec.removeprefix("demo:")
+    if name in MULTILINGUAL_NAMES:
+        return resolve_multilingual(name)
     if name not in DEMO_NAMES:
-        raise ValueError(f"unknown demo path '{spec}'; valid: {', '.join('demo:' + n for n in DEMO_NAMES)}")
+        valid = ", ".join("demo:" + n for n in (*DEMO_NAMES, *MULTILINGUAL_NAMES))
+        raise ValueError(f"unknown demo path '{spec}'; valid: {valid}")
     paths = ensure_demo()
     return str(
         {
@@ -273,12 +302,12 @@ def build_demo(directory: Path, seed: int = 0) -> dict:
             "__key__": f"{i:09d}",
             "png": _png(digits.images[i]),
             "txt": captions[labels[i]]["en"][english[i]].encode("utf-8"),
-            "json": _json_bytes({"captions": captions[labels[i]], "label": int(labels[i]), "source_index": i}, None),
+            "json": json_bytes({"captions": captions[labels[i]], "label": int(labels[i]), "source_index": i}, None),
             "cls": str(labels[i]).encode("ascii"),
         }
 
     shard_names = {
-        split: _write_shards(directory, split, [sample(i) for i in indices]) for split, indices in splits.items()
+        split: write_shards(directory, split, [sample(i) for i in indices]) for split, indices in splits.items()
     }
 
     # Every caption of every image, as the text tower will see them: the
@@ -295,9 +324,9 @@ def build_demo(directory: Path, seed: int = 0) -> dict:
         byte_fallback=True,
         seed=seed,
     )
-    (directory / "classnames.json").write_bytes(_json_bytes(classnames))
+    (directory / "classnames.json").write_bytes(json_bytes(classnames))
     (directory / "templates.json").write_bytes(
-        _json_bytes({lang: list(DEMO_TEMPLATES[lang]) for lang in DEMO_LANGUAGES})
+        json_bytes({lang: list(DEMO_TEMPLATES[lang]) for lang in DEMO_LANGUAGES})
     )
     info = {
         "version": DEMO_VERSION,
@@ -313,7 +342,7 @@ def build_demo(directory: Path, seed: int = 0) -> dict:
         "image_size": IMAGE_SIZE,
         "source": "sklearn.datasets.load_digits (UCI Optical Recognition of Handwritten Digits, test set)",
     }
-    (directory / "info.json").write_bytes(_json_bytes(info))
+    (directory / "info.json").write_bytes(json_bytes(info))
     return info
 
 
@@ -351,14 +380,16 @@ def _png(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _json_bytes(value: object, indent: int | None = 2) -> bytes:
+def json_bytes(value: object, indent: int | None = 2) -> bytes:
     return json.dumps(value, ensure_ascii=False, indent=indent).encode("utf-8")
 
 
-def _write_shards(directory: Path, split: str, samples: Sequence[dict[str, str | bytes]]) -> list[str]:
-    """Write ``samples`` into ``{split}-000000.tar``, ... of ``SAMPLES_PER_SHARD`` each; return the names."""
+def write_shards(
+    directory: Path, split: str, samples: Sequence[dict[str, str | bytes]], samples_per_shard: int = SAMPLES_PER_SHARD
+) -> list[str]:
+    """Write ``samples`` into ``{split}-000000.tar``, ... of ``samples_per_shard`` each; return the names."""
     names = []
-    for start in range(0, len(samples), SAMPLES_PER_SHARD):
+    for start in range(0, len(samples), samples_per_shard):
         names.append(f"{split}-{len(names):06d}.tar")
         with (
             open(directory / names[-1], "wb") as stream,
@@ -366,25 +397,25 @@ def _write_shards(directory: Path, split: str, samples: Sequence[dict[str, str |
                 stream, user=_TAR_OWNER, group=_TAR_OWNER, mode=_TAR_MODE, mtime=_TAR_MTIME, encoder=False
             ) as tar,
         ):
-            for sample in samples[start : start + SAMPLES_PER_SHARD]:
+            for sample in samples[start : start + samples_per_shard]:
                 tar.write(sample)
     return names
 
 
-def _shard_pattern(root: Path, names: Sequence[str]) -> str:
+def shard_pattern(root: Path, names: Sequence[str]) -> str:
     if len(names) == 1:
         return str(root / names[0])
     prefix = names[0].rsplit("-", 1)[0]
     return str(root / f"{prefix}-{{{0:06d}..{len(names) - 1:06d}}}.tar")
 
 
-def _read_info(root: Path, seed: int) -> dict | None:
-    """``info.json`` of a complete build of this version and seed, else None."""
+def _read_info(root: Path, seed: int, version: str) -> dict | None:
+    """``info.json`` of a complete build of ``version`` and ``seed``, else None."""
     try:
         info = json.loads((root / "info.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if info.get("version") != DEMO_VERSION or info.get("seed") != seed:
+    if info.get("version") != version or info.get("seed") != seed:
         return None
     return info
 
@@ -392,8 +423,8 @@ def _read_info(root: Path, seed: int) -> dict | None:
 def _demo_paths(root: Path, info: dict) -> DemoPaths:
     return DemoPaths(
         root=root,
-        train_shards=_shard_pattern(root, info["train_shards"]),
-        val_shards=_shard_pattern(root, info["val_shards"]),
+        train_shards=shard_pattern(root, info["train_shards"]),
+        val_shards=shard_pattern(root, info["val_shards"]),
         tokenizer=root / "tokenizer.model",
         classnames=root / "classnames.json",
         templates=root / "templates.json",
@@ -417,7 +448,7 @@ def _build_lock(root: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _replace_dir(new: Path, root: Path, seed: int) -> None:
+def _replace_dir(new: Path, root: Path, seed: int, version: str) -> None:
     """Move the finished build ``new`` to ``root``, replacing an older or incomplete one there."""
     old = None
     if root.exists():
@@ -427,7 +458,7 @@ def _replace_dir(new: Path, root: Path, seed: int) -> None:
         os.rename(new, root)
     except OSError:
         # Without a lock (no fcntl) another builder can win the race; its build is as good as ours.
-        if _read_info(root, seed) is None:
+        if _read_info(root, seed, version) is None:
             raise
     finally:
         if old is not None:

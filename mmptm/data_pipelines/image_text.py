@@ -77,10 +77,18 @@ class _SampleDecoder:
             if self.label_key is not None:
                 sample["label"] = self._label(raw)
             # Last: the costly part, done only for samples that are otherwise complete.
-            sample["image"] = transform_seeded(self.transform, self._image(raw), rng.getrandbits(63))
+            sample.update(self.visual(raw, rng))
         except BadSample as err:
             return Skip(raw["__url__"], raw["__key__"], str(err))
         return sample
+
+    def visual(self, raw: dict[str, Any], rng: random.Random) -> dict[str, Any]:
+        """The sample's visual entries, ``{"image": tensor}``; a decoder of other visual inputs overrides it.
+
+        Raises:
+            BadSample: no decodable image.
+        """
+        return {"image": transform_seeded(self.transform, self._image(raw), rng.getrandbits(63))}
 
     @staticmethod
     def _image(raw: dict[str, Any]) -> Image.Image:

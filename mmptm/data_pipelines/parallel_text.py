@@ -8,20 +8,37 @@ are :mod:`mmptm.data_pipelines.streams`'.
 
 from __future__ import annotations
 
-import json
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
+import torch
+
 from mmptm.data_pipelines.context import DataContext
-from mmptm.data_pipelines.streams import BadSample, ShardStream, Skip, collate_samples, shard_stream
+from mmptm.data_pipelines.streams import (
+    BadSample,
+    Batch,
+    ShardStream,
+    Skip,
+    check_language,
+    collate_samples,
+    json_text_fields,
+    shard_stream,
+)
 from mmptm.registry import register_dataset
 
 PARALLEL_FIELDS = ("src", "tgt", "src_lang", "tgt_lang")
 
 
 class _ParallelDecoder:
-    """Turns a raw sample into ``{"key", "src", "tgt", "src_lang", "tgt_lang"}`` or a ``Skip``."""
+    """Turns a raw sample into ``{"key", "src", "tgt", "src_lang", "tgt_lang"}`` or a ``Skip``.
+
+    Args:
+        languages: the languages a pair may have on either side (None: any).
+    """
+
+    def __init__(self, languages: Sequence[str] | None) -> None:
+        self.languages = languages
 
     def decode_stream(
         self, items: Iterable[dict[str, Any] | Skip], rng: random.Random  # noqa: ARG002 (nothing is drawn)
@@ -30,36 +47,28 @@ class _ParallelDecoder:
         for item in items:
             yield item if isinstance(item, Skip) else self.decode(item)
 
-    @staticmethod
-    def decode(raw: dict[str, Any]) -> dict[str, Any] | Skip:
+    def decode(self, raw: dict[str, Any]) -> dict[str, Any] | Skip:
         try:
-            return {"key": raw["__key__"], **_parallel_fields(raw)}
+            _, fields = json_text_fields(raw, PARALLEL_FIELDS)
+            for side in ("src_lang", "tgt_lang"):
+                check_language(fields[side], self.languages, side)
         except BadSample as err:
             return Skip(raw["__url__"], raw["__key__"], str(err))
+        return {"key": raw["__key__"], **fields}
 
 
-def _parallel_fields(raw: dict[str, Any]) -> dict[str, str]:
-    """The four non-empty string fields of a sample's json.
+class _TokenizingCollate:
+    """Strings collated as lists, plus ``src_tokens`` / ``tgt_tokens`` from the tokenizer."""
 
-    Raises:
-        BadSample: no json, undecodable json, or a field missing, empty or not a string.
-    """
-    if "json" not in raw:
-        files = sorted(k for k in raw if not k.startswith("__"))
-        raise BadSample(f"no json among its files {files}")
-    try:
-        meta = json.loads(raw["json"].decode("utf-8"))
-    except (ValueError, RecursionError) as err:  # bad UTF-8, bad JSON, absurd nesting
-        raise BadSample(f"undecodable json: {err!r}") from None
-    if not isinstance(meta, dict):
-        raise BadSample(f"json is a {type(meta).__name__}, not an object with {', '.join(PARALLEL_FIELDS)}")
-    fields = {}
-    for name in PARALLEL_FIELDS:
-        value = meta.get(name)
-        if not isinstance(value, str) or not value.strip():
-            raise BadSample(f"json field '{name}' is missing, empty or not a string")
-        fields[name] = value.strip()
-    return fields
+    def __init__(self, tokenizer: Callable[[list[str]], torch.Tensor]) -> None:
+        self.tokenizer = tokenizer
+
+    def __call__(self, samples: list[dict[str, Any]], skipped_keys: list[str]) -> Batch:
+        batch = collate_samples(samples, skipped_keys)
+        batch["src_tokens"] = self.tokenizer(batch["src"])
+        batch["tgt_tokens"] = self.tokenizer(batch["tgt"])
+        return batch
+
 
 
 @register_dataset("parallel_text")
@@ -72,13 +81,17 @@ def parallel_text(
     resample: bool = False,
     epoch_samples: int | None = None,
     drop_last: bool | None = None,
+    languages: list[str] | None = None,
+    tokenize: bool = False,
 ) -> ShardStream:
     """Batches of sentence pairs from parallel-text webdataset shards.
 
     Batches are ``{"src": [str], "tgt": [str], "src_lang": [str], "tgt_lang":
-    [str], "key": [str], "skipped": int, "skipped_keys": [str]}`` (text stays
-    text: consumers tokenise it), and possibly a last ``{"empty": True, ...}``
-    per worker. Splitting, shuffling, resampling and skip counting are those of
+    [str], "key": [str], "skipped": int, "skipped_keys": [str]}`` (with
+    ``tokenize``, also ``"src_tokens"`` and ``"tgt_tokens"``: ``[B, L]`` from
+    ``context.tokenizer``, as TLM, CLWR and CLPC train on), and possibly a last
+    ``{"empty": True, ...}`` per worker. A pair with a language outside
+    ``languages`` is skipped and counted. Splitting, shuffling, resampling and skip counting are those of
     the ``image_text`` dataset, whose options these are.
 
     Args:
@@ -90,20 +103,24 @@ def parallel_text(
         resample: draw shards with replacement, endlessly; an epoch is then ``epoch_samples`` pairs.
         epoch_samples: pairs per epoch and rank with ``resample`` (required with it, invalid without).
         drop_last: drop each worker's final partial batch (default: ``context.training``).
+        languages: the languages a pair may have (e.g. those the model has embeddings for); None: any.
+        tokenize: add the token ids of both sides (needs ``context.tokenizer``).
 
     Returns:
         A :class:`~mmptm.data_pipelines.streams.ShardStream`.
 
     Raises:
         FileNotFoundError: missing shards.
-        ValueError: invalid options.
+        ValueError: invalid options (``tokenize`` without a tokenizer).
     """
+    if tokenize and context.tokenizer is None:
+        raise ValueError("parallel_text: tokenize=True needs a tokenizer in the data context")
     return shard_stream(
         "parallel_text",
         shards,
         context,
-        _ParallelDecoder(),
-        collate_samples,
+        _ParallelDecoder(languages),
+        _TokenizingCollate(context.tokenizer) if tokenize else collate_samples,
         batch_size=batch_size,
         num_workers=num_workers,
         shuffle_buffer=shuffle_buffer,

@@ -10,7 +10,7 @@ and their ids (``skipped_keys``: ``"<shard url>#<key>"``, or
 count distinct bad samples across epochs.
 
 :class:`ShardPipeline` is the per-worker webdataset pipeline of the shard
-datasets (``image_text``, ``parallel_text``): shard list (shuffled and split,
+datasets (``image_text``, ``parallel_text``, and per language ``text``): shard list (shuffled and split,
 or resampled) → tar reading → [sample split] → shuffle buffer → decode → batch.
 A dataset supplies the decoder (raw sample → sample or :class:`Skip`) and the
 collate function.
@@ -25,10 +25,11 @@ from __future__ import annotations
 import glob
 import hashlib
 import io
+import json
 import logging
 import os
 import random
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any, NamedTuple, Protocol
@@ -74,7 +75,7 @@ def resolve_shards(shards: str) -> list[str]:
             urls.extend(tars)
         else:
             urls.extend(wds.shardlists.expand_urls(part))
-    missing = [url for url in urls if _local_path(url) is not None and not os.path.isfile(_local_path(url))]
+    missing = [url for url in urls if local_path(url) is not None and not os.path.isfile(local_path(url))]
     if missing:
         raise FileNotFoundError(
             f"shards '{shards}': {len(missing)} of {len(urls)} shard files do not exist, e.g. {missing[0]}"
@@ -82,7 +83,7 @@ def resolve_shards(shards: str) -> list[str]:
     return urls
 
 
-def _local_path(url: str) -> str | None:
+def local_path(url: str) -> str | None:
     """The file behind a local URL (plain path or ``file:``), None for remote ones (``pipe:``, ``https:``, ...)."""
     parsed = urlparse(url)
     if parsed.scheme == "":
@@ -92,7 +93,7 @@ def _local_path(url: str) -> str | None:
 
 def _is_truncated(url: str) -> bool:
     """Whether a local uncompressed ``.tar`` lacks the two zero blocks that end every complete tar."""
-    path = _local_path(url)
+    path = local_path(url)
     if path is None or not path.endswith(".tar"):
         return False
     try:
@@ -136,6 +137,37 @@ class Skip:
 
 class BadSample(ValueError):
     """Raised while decoding a sample; its message says what is wrong."""
+
+
+def json_text_fields(raw: dict[str, Any], names: Sequence[str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """A text sample's json object and its non-empty string fields ``names`` (stripped).
+
+    Raises:
+        BadSample: no json, undecodable json (invalid UTF-8 included), not an object, or a field
+            missing, empty or not a string.
+    """
+    if "json" not in raw:
+        files = sorted(k for k in raw if not k.startswith("__"))
+        raise BadSample(f"no json among its files {files}")
+    try:
+        meta = json.loads(raw["json"].decode("utf-8"))
+    except (ValueError, RecursionError) as err:  # bad UTF-8, bad JSON, absurd nesting
+        raise BadSample(f"undecodable json: {err!r}") from None
+    if not isinstance(meta, dict):
+        raise BadSample(f"json is a {type(meta).__name__}, not an object with {', '.join(names)}")
+    fields = {}
+    for name in names:
+        value = meta.get(name)
+        if not isinstance(value, str) or not value.strip():
+            raise BadSample(f"json field '{name}' is missing, empty or not a string")
+        fields[name] = value.strip()
+    return meta, fields
+
+
+def check_language(lang: str, languages: Sequence[str] | None, field: str = "lang") -> None:
+    """Raise ``BadSample`` when ``languages`` is given and ``lang`` is not among them."""
+    if languages is not None and lang not in languages:
+        raise BadSample(f"json field '{field}' is '{lang}', not one of the languages {', '.join(languages)}")
 
 
 def decode_image(data: bytes, what: str) -> Image.Image:
@@ -340,6 +372,10 @@ class ShardPipeline(IterableDataset):
         return not self.resample and len(self.urls) < self.context.world_size * max(num_workers, 1)
 
     def __iter__(self) -> Iterator[Batch]:
+        return batch_samples(self.decoded_samples(), self.batch_size, self.drop_last, self.collate)
+
+    def decoded_samples(self) -> Iterator[dict[str, Any] | Skip]:
+        """This worker's decoded samples and ``Skip`` items of the epoch, before batching."""
         ctx = self.context
         worker, num_workers, slot, num_slots = worker_slot(ctx)
         # Seeds differ between the workers of all ranks and between epochs (except the
@@ -364,7 +400,6 @@ class ShardPipeline(IterableDataset):
             # off the final skip count; this counts good samples exactly.
             quota = _worker_quota(self.epoch_samples, self.batch_size, self.drop_last, worker, num_workers)
             stages.append(lambda items: _take_samples(items, quota))
-        stages.append(lambda items: batch_samples(items, self.batch_size, self.drop_last, self.collate))
         return iter(wds.DataPipeline(*stages))
 
     def _shards(self, slot: int, num_slots: int, split_samples: bool) -> IterableDataset:

@@ -2,7 +2,8 @@
 
 Models are unigram (Kudo 2018) or BPE sentencepiece models (Kudo & Richardson
 2018) with byte fallback, so no text maps to ``<unk>``. Ids are fixed at
-training: ``pad=0, unk=1, bos=2, eos=3``. A batch of texts becomes
+training: ``pad=0, unk=1, bos=2, eos=3``, and models trained here add a
+``<mask>`` piece (``mask_id``, id 4) for masked language modelling. A batch of texts becomes
 ``bos + pieces + eos`` right-padded with ``pad``, the layout open_clip's
 tokenizer produces with its start/end-of-text tokens, so a text tower pools
 the ``eos`` position.
@@ -35,6 +36,11 @@ if TYPE_CHECKING:
     from mmptm.data_pipelines.clip_bpe import ClipBPETokenizer
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+# The mask token of masked language modelling (Devlin et al. 2019, sec. 3.1), a user-defined
+# piece of every model :meth:`SentencePieceTokenizer.train` writes; it follows the special ids.
+MASK_PIECE = "<mask>"
+# Sentencepiece's marker of a word's first piece (the space it replaces).
+WORD_BOUNDARY = "\u2581"
 MODEL_FILENAME = "tokenizer.model"
 # A CLIP byte-level BPE tokenizer, in the layout of Hugging Face's CLIPTokenizer.
 VOCAB_FILENAME, MERGES_FILENAME = "vocab.json", "merges.txt"
@@ -65,6 +71,7 @@ class SentencePieceTokenizer:
 
     def _load(self, proto: bytes) -> None:
         self._proto = proto
+        self._word_start_table: torch.Tensor | None = None
         self._sp = spm.SentencePieceProcessor()
         try:
             self._sp.LoadFromSerializedProto(proto)
@@ -120,6 +127,27 @@ class SentencePieceTokenizer:
     def eos_id(self) -> int:
         return self._sp.eos_id()
 
+    @property
+    def mask_id(self) -> int | None:
+        """The id of the ``<mask>`` piece; None for a model trained without one (outside mmptm)."""
+        mask = self._sp.piece_to_id(MASK_PIECE)
+        return mask if mask != self.unk_id else None
+
+    def word_starts(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Where words begin: True at pieces that start with sentencepiece's word boundary ``▁``.
+
+        Args:
+            tokens: ids of any shape.
+
+        Returns:
+            A BoolTensor of the same shape (False at special, byte and word-internal pieces), the
+            ``word_starts`` of whole-word masking (:func:`mmptm.objectives.masking.bert_mask`).
+        """
+        if self._word_start_table is None:
+            pieces = (self._sp.id_to_piece(i) for i in range(self.vocab_size))
+            self._word_start_table = torch.tensor([piece.startswith(WORD_BOUNDARY) for piece in pieces])
+        return self._word_start_table.to(tokens.device)[tokens]
+
     def encode(self, text: str) -> list[int]:
         """Piece ids of one text, without bos/eos.
 
@@ -129,7 +157,7 @@ class SentencePieceTokenizer:
         return self._sp.encode(text)
 
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
-        """Text of one id sequence; pad, bos and eos ids are dropped.
+        """Text of one id sequence; pad, bos and eos ids are dropped (``<mask>`` stays, as its piece).
 
         Args:
             ids: a list of ids or a 1-D tensor, e.g. a row of :meth:`__call__`'s output.
@@ -208,7 +236,8 @@ class SentencePieceTokenizer:
                 sample when the corpus is larger); 0: no limit.
             normalization_rule_name: sentencepiece normaliser (``nmt_nfkc``,
                 ``nfkc``, ``identity``, ...).
-            user_defined_symbols: pieces always kept whole (e.g. ``"<mask>"``).
+            user_defined_symbols: pieces always kept whole, besides ``<mask>`` (always added first,
+                so that it gets the id after the special ids).
 
         Returns:
             ``output_path`` as a Path.
@@ -237,7 +266,7 @@ class SentencePieceTokenizer:
                 character_coverage=character_coverage,
                 byte_fallback=byte_fallback,
                 normalization_rule_name=normalization_rule_name,
-                user_defined_symbols=list(user_defined_symbols),
+                user_defined_symbols=list(dict.fromkeys([MASK_PIECE, *user_defined_symbols])),
                 pad_id=PAD_ID,
                 unk_id=UNK_ID,
                 bos_id=BOS_ID,

@@ -59,6 +59,10 @@ def transform_seeded(transform: Callable[[Image.Image], torch.Tensor], image: Im
     seeded generator makes the augmentation a function of (run seed, epoch,
     worker, position), so a resumed run replays its epoch bit for bit.
     """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    generator = torch.default_generator  # the CPU generator torchvision draws from
+    saved = generator.get_state()
+    generator.manual_seed(seed)  # not torch.manual_seed: that one also seeds every accelerator, slowly
+    try:
         return transform(image)
+    finally:
+        generator.set_state(saved)

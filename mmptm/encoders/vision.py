@@ -7,6 +7,7 @@ checkpoints take them from the model.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from typing import Literal
 
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from mmptm.encoders.layers import Activation, Transformer, check_image_size
+from mmptm.encoders.visual_inputs import grid_boxes
 from mmptm.registry import did_you_mean, register_encoder
 
 # The normalisation CLIP was trained with (Radford et al. 2021); open_clip's defaults.
@@ -80,6 +82,28 @@ class VisionTransformer(nn.Module):
         """Recompute block activations in backward to save memory."""
         self.transformer.grad_checkpointing = enable
 
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Every output token, normalised by ``ln_post``: ``[B, 3, S, S]`` -> ``[B, 1 + grid**2, width]``."""
+        check_image_size(x, self.image_size)
+        x = self.conv1(x).flatten(2).transpose(1, 2)  # [B, grid**2, width]
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
+        return self.ln_post(self.transformer(self.ln_pre(x)))
+
+    def forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The class token and the patch tokens, each projected, as visual tokens of a fusion model.
+
+        Args:
+            x: normalised images ``[B, 3, image_size, image_size]``.
+
+        Returns:
+            ``(features [B, 1 + grid**2, embed_dim], boxes [1 + grid**2, 4])``: the class token's box is
+            the whole image, a patch's its cell (see :func:`~mmptm.encoders.visual_inputs.grid_boxes`).
+        """
+        tokens = self.forward_features(x) @ self.proj
+        grid = self.image_size // self.conv1.kernel_size[0]
+        return tokens, grid_boxes(grid, grid, prefix=1, device=tokens.device)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Encode images.
 
@@ -89,12 +113,7 @@ class VisionTransformer(nn.Module):
         Returns:
             Unnormalised features ``[B, embed_dim]``.
         """
-        check_image_size(x, self.image_size)
-        x = self.conv1(x).flatten(2).transpose(1, 2)  # [B, grid**2, width]
-        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
-        x = self.transformer(self.ln_pre(x))
-        return self.ln_post(x[:, 0]) @ self.proj
+        return self.forward_features(x)[:, 0] @ self.proj
 
 
 @register_encoder("timm")
@@ -149,6 +168,7 @@ class TimmVisionTower(nn.Module):
         # Models with a fixed input size (position embeddings, windows) are built for ours;
         # convolutional ones take any size and do not accept the argument.
         size_kwargs = {"img_size": self.image_size} if pretrained_cfg and pretrained_cfg.fixed_input_size else {}
+        self.timm_model = timm_model
         self.trunk = timm.create_model(timm_model, num_classes=0, **size_kwargs)
         features = self.trunk.num_features
         if proj == "linear":
@@ -160,6 +180,30 @@ class TimmVisionTower(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Delegate to timm's per-model gradient checkpointing."""
         self.trunk.set_grad_checkpointing(enable)
+
+    def forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The trunk's unpooled features, each projected by the head, as visual tokens of a fusion model.
+
+        Args:
+            x: normalised images ``[B, 3, H, W]``.
+
+        Returns:
+            ``(features [B, N, embed_dim], boxes [N, 4])``: a CNN's ``H' × W'`` grid cells, or a
+            transformer's prefix tokens (whole-image boxes) followed by its square patch grid.
+        """
+        features = self.trunk.forward_features(x)
+        if features.dim() == 4:  # a CNN's [B, C, H', W'] map
+            rows, cols, prefix = features.shape[2], features.shape[3], 0
+            features = features.flatten(2).transpose(1, 2)
+        else:  # a transformer's [B, prefix + grid**2, C] tokens
+            prefix = getattr(self.trunk, "num_prefix_tokens", 0)
+            rows = cols = math.isqrt(features.shape[1] - prefix)
+            if rows * cols != features.shape[1] - prefix:
+                raise ValueError(
+                    f"timm model '{self.timm_model}': {features.shape[1]} tokens after {prefix} prefix tokens "
+                    "do not form a square grid; its tokens cannot be given grid boxes"
+                )
+        return self.head(features), grid_boxes(rows, cols, prefix, device=features.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Encode images ``[B, 3, H, W]`` into unnormalised features ``[B, embed_dim]``."""

@@ -15,6 +15,8 @@ from mmptm.evaluation.inputs import (
     parallel_stream,
     retrieval_stream,
 )
+from mmptm.evaluation.itm import itm_retrieval
+from mmptm.evaluation.multilingual import mlm_accuracy, xlret, xltransfer
 from mmptm.evaluation.retrieval import crosslingual_retrieval, zeroshot_retrieval
 from mmptm.evaluation.zeroshot import prompt_languages, zeroshot_classification
 
@@ -23,13 +25,17 @@ __all__ = [
     "EvaluationError",
     "classification_stream",
     "crosslingual_retrieval",
+    "itm_retrieval",
     "load_classnames",
     "load_prompt_file",
     "load_templates",
+    "mlm_accuracy",
     "parallel_stream",
     "precision_autocast",
     "prompt_languages",
     "retrieval_stream",
     "zeroshot_classification",
+    "xlret",
+    "xltransfer",
     "zeroshot_retrieval",
 ]

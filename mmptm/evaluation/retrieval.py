@@ -28,6 +28,8 @@ RECALL_K = (1, 5, 10)
 _QUERY_CHUNK = 1024
 
 Match = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# (texts, their language) -> [len(texts), D] normalised embeddings.
+Encode = Callable[[Sequence[str], str], torch.Tensor]
 
 
 def recall_at_k(queries: torch.Tensor, candidates: torch.Tensor, match: Match, ks: Sequence[int]) -> dict[int, float]:
@@ -130,6 +132,7 @@ def crosslingual_retrieval(
     languages: Sequence[str] | None = None,
     device: torch.device | str = "cpu",
     autocast: Autocast | None = None,
+    encode: Encode | None = None,
 ) -> dict[str, Any]:
     """Tatoeba-style cross-lingual sentence retrieval: accuracy@1 of finding each sentence's translation.
 
@@ -144,6 +147,8 @@ def crosslingual_retrieval(
         languages: keep only the pairs with one of these languages on either side (None: all).
         device: where the model runs.
         autocast: a context-manager factory for mixed precision.
+        encode: ``(texts, language) -> [len(texts), D]`` normalised embeddings (e.g. mean-pooled
+            states with language embeddings); default: the model's ``encode_text``.
 
     Returns:
         ``{"src_to_tgt_accuracy@1", "tgt_to_src_accuracy@1"}`` averaged over the language pairs,
@@ -153,6 +158,11 @@ def crosslingual_retrieval(
     Raises:
         EvaluationError: no pairs, or none in ``languages``.
     """
+    if encode is None:
+
+        def encode(texts: Sequence[str], lang: str) -> torch.Tensor:  # noqa: ARG001 (one model for every language)
+            return encode_texts(model, tokenizer, texts, device, autocast)
+
     stream = CountingStream(batches)
     wanted = set(languages) if languages else None
     features: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
@@ -166,8 +176,9 @@ def crosslingual_retrieval(
                     groups.setdefault("-".join(pair), []).append(i)
             for name, rows in groups.items():
                 src, tgt = features.setdefault(name, ([], []))
-                src.append(encode_texts(model, tokenizer, [batch["src"][i] for i in rows], device, autocast))
-                tgt.append(encode_texts(model, tokenizer, [batch["tgt"][i] for i in rows], device, autocast))
+                src_lang, tgt_lang = batch["src_lang"][rows[0]], batch["tgt_lang"][rows[0]]
+                src.append(encode([batch["src"][i] for i in rows], src_lang))
+                tgt.append(encode([batch["tgt"][i] for i in rows], tgt_lang))
     if not seen:
         raise stream.no_samples_error("sentence pairs")
     if not features:

@@ -1,0 +1,246 @@
+"""VisualBERT: visual inputs (ViT, frozen timm, regions), the shared objectives, the ITM evaluator, the tiny configs."""
+
+from __future__ import annotations
+
+import json
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+import mmptm
+from mmptm.config import ConfigError
+from mmptm.encoders.fusion import MissingVisualInputError
+from mmptm.encoders.visual_inputs import box_location, grid_boxes
+from mmptm.objectives import ImageTextMatching, MaskedRegionModelling, VisionLanguageMLM
+from mmptm.objectives.itm import negative_candidates
+from mmptm.objectives.mrm import OnlineKMeans, choose_regions
+
+TOKENIZER = types.SimpleNamespace(vocab_size=50, pad_id=0, eos_id=3, bos_id=2, mask_id=4)
+TINY_VIT = {"name": "vit", "image_size": 16, "patch_size": 8, "width": 16, "layers": 1, "heads": 2}
+# Overrides that shrink the bundled fusion configs for tests.
+TINY_RUN = [
+    "data.train.batch_size=8",
+    "data.train.num_workers=0",
+    "train.log_every=1",
+    "train.warmup_steps=0",
+    "train.progress_bar=false",
+    "train.tensorboard=false",
+    "eval.tasks.0.num_workers=0",
+]
+
+
+def tiny_visualbert(**options) -> torch.nn.Module:
+    config = {"name": "visualbert", "width": 16, "layers": 1, "heads": 2, "visual_dim": 12, "max_text_length": 8,
+              "region_classes": 5, "dropout": 0.0, "init_std": 0.2, "vision": TINY_VIT, **options}
+    return mmptm.create_model(config, tokenizer=TOKENIZER)
+
+
+def captions(batch: int, length: int = 8, seed: int = 0) -> torch.Tensor:
+    """Random ``bos ... eos pad`` captions of distinct words."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(5, TOKENIZER.vocab_size, (batch, length), generator=generator)
+    tokens[:, 0], tokens[:, 5], tokens[:, 6:] = 2, 3, 0
+    return tokens
+
+
+def region_batch(batch: int = 3, regions: int = 6, dim: int = 12) -> dict[str, torch.Tensor]:
+    mask = torch.arange(regions)[None] < torch.tensor([regions, 4, 2])[:batch, None]
+    return {"text": captions(batch), "regions": torch.randn(batch, regions, dim),
+            "boxes": torch.rand(batch, regions, 4), "region_mask": mask}
+
+
+def test_grid_boxes_and_location():
+    boxes = grid_boxes(2, 2, prefix=1)
+    torch.testing.assert_close(boxes[0], torch.tensor([0.0, 0.0, 1.0, 1.0]))
+    torch.testing.assert_close(boxes[4], torch.tensor([0.5, 0.5, 1.0, 1.0]))
+    torch.testing.assert_close(box_location(boxes)[1:, 4], torch.full((4,), 0.25))
+
+
+@pytest.mark.parametrize("vision", ["vit", "timm_frozen", "regions"])
+def test_visual_inputs_and_heads(vision):
+    if vision == "vit":
+        model, visual = tiny_visualbert(), {"image": torch.randn(3, 3, 16, 16)}
+        tokens = 1 + 4
+    elif vision == "timm_frozen":
+        pytest.importorskip("timm")
+        model = tiny_visualbert(vision={"timm_model": "resnet18", "image_size": 64}, freeze_vision=True)
+        visual, tokens = {"image": torch.randn(3, 3, 64, 64)}, 4  # a 2x2 map
+    else:
+        model = tiny_visualbert(vision=None)
+        batch = region_batch()
+        visual, tokens = {k: batch[k] for k in ("regions", "boxes", "region_mask")}, 6
+    text = captions(3)
+    out = model(text, **visual, mlm=True)
+    assert out.text.shape == (3, 8, 16) and out.visual.shape == (3, tokens, 16)
+    assert out.itm_logits.shape == (3, 2) and out.mlm_logits.shape == (3, 8, TOKENIZER.vocab_size)
+    out.mlm_logits.sum().backward()
+    if vision == "timm_frozen":
+        model.train()
+        assert not model.visual.training
+        assert all(p.grad is None for p in model.visual.parameters())
+        assert model.visual_projection.weight.grad is not None
+
+
+def test_pair_index_scores_texts_against_one_encoding():
+    model = tiny_visualbert().eval()
+    images, text = torch.randn(2, 3, 16, 16), captions(2)
+    separate = torch.cat([model(text[[j]], image=images[[i]]).itm_logits for i in range(2) for j in range(2)])
+    paired = model(text[[0, 1, 0, 1]], image=images, pair_index=torch.tensor([0, 0, 1, 1])).itm_logits
+    torch.testing.assert_close(paired, separate, atol=1e-5, rtol=1e-4)
+
+
+def test_negative_candidates_exclude_equal_captions_and_labels():
+    text = captions(6)
+    text[3] = text[0]  # a duplicate caption of sample 0
+    labels = torch.tensor([0, 1, 2, 5, 1, 3])  # sample 4 shares sample 1's label
+    indices, valid = negative_candidates(text, labels, text, labels, count=6)
+    for row in range(6):
+        allowed = {j for j in range(6) if not torch.equal(text[j], text[row]) and labels[j] != labels[row]}
+        assert set(indices[row][valid[row]].tolist()) == allowed
+
+
+def test_choose_regions_masks_at_least_one_real_region_per_image():
+    valid = torch.tensor([[True] * 5, [True, True, False, False, False]])
+    for seed in range(20):
+        chosen = choose_regions(valid, 0.01, torch.Generator().manual_seed(seed))
+        assert (chosen.sum(dim=1) >= 1).all() and not (chosen & ~valid).any()
+
+
+def test_online_kmeans_separates_clusters():
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.eye(4)[:2] * 5
+    features = torch.cat([centres[0] + 0.1 * torch.randn(50, 4, generator=generator),
+                          centres[1] + 0.1 * torch.randn(50, 4, generator=generator)])
+    kmeans = OnlineKMeans(codes=2, momentum=0.5)
+    torch.manual_seed(1)
+    for _ in range(5):
+        codes = kmeans.assign_and_update(features)
+    assert codes[:50].unique().numel() == 1 and codes[50:].unique().numel() == 1 and codes[0] != codes[50]
+
+
+def test_itm_learns_a_fixed_batch():
+    torch.manual_seed(0)
+    model = tiny_visualbert()
+    batch = {"text": captions(4), "image": torch.randn(4, 3, 16, 16), "label": torch.arange(4)}
+    objective = ImageTextMatching(hard_fraction=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(60):
+        loss = objective(model, batch)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert sum(losses[-10:]) < 0.8 * sum(losses[:10]), losses
+
+
+@pytest.mark.parametrize("inputs", ["pixels", "regions"])
+def test_mlm_and_mrm_train_the_model(inputs):
+    torch.manual_seed(0)
+    if inputs == "pixels":
+        model = tiny_visualbert()
+        batch = {"text": captions(4), "image": torch.randn(4, 3, 16, 16)}
+    else:
+        model = tiny_visualbert(vision=None)
+        batch = region_batch()
+    mlm, mrm = VisionLanguageMLM(mask_prob=0.3), MaskedRegionModelling()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    history: dict[str, list[float]] = {"mlm": [], "regression": []}
+    for _ in range(30):
+        mlm_out, mrm_out = mlm(model, batch), mrm(model, batch)
+        optimizer.zero_grad()
+        (mlm_out["loss"] + mrm_out["loss"]).backward()
+        optimizer.step()
+        history["mlm"].append(mlm_out["loss"].item())
+        history["regression"].append(mrm_out["regression_loss"].item())
+    if inputs == "pixels":
+        del history["regression"]  # its target is the trainable tower's output, which moves
+    for name, values in history.items():  # a fixed batch is learnt (the masks change every step: compare means)
+        assert sum(values[-5:]) < 0.9 * sum(values[:5]), (name, values)
+
+
+def test_detector_distribution_target_uses_kl():
+    model = tiny_visualbert(vision=None)
+    batch = region_batch()
+    batch["region_classes"] = torch.softmax(torch.randn(3, 6, 5), dim=-1)
+    out = MaskedRegionModelling(target="detector")(model, batch)
+    assert out["classification_loss"] >= 0
+    with pytest.raises(KeyError, match="region_classes"):
+        MaskedRegionModelling(target="detector")(model, region_batch())
+
+
+def test_missing_visual_input_names_the_keys_and_config_field():
+    with pytest.raises(MissingVisualInputError, match=r"lacks \['regions', 'boxes'\].*region_features"):
+        VisionLanguageMLM()(tiny_visualbert(vision=None), {"text": captions(2), "image": torch.randn(2, 3, 16, 16)})
+    with pytest.raises(MissingVisualInputError, match="model.vision is set.*'image'"):
+        ImageTextMatching()(tiny_visualbert(), region_batch())
+
+
+def test_mlm_needs_a_mask_token():
+    model = mmptm.create_model(
+        {"name": "visualbert", "width": 16, "layers": 1, "heads": 2, "visual_dim": 12, "vision": TINY_VIT},
+        tokenizer=types.SimpleNamespace(vocab_size=50, pad_id=0, eos_id=3, bos_id=2, mask_id=None),
+    )
+    with pytest.raises(ValueError, match="<mask>"):
+        VisionLanguageMLM()(model, {"text": captions(2), "image": torch.randn(2, 3, 16, 16)})
+
+
+def test_config_validates_an_optional_tower():
+    config = mmptm.load_config("visualbert_tiny.yaml", ["model.vision=null"])
+    assert config.model["vision"] is None
+    with pytest.raises(ConfigError, match="did you mean 'patch_size'"):
+        mmptm.load_config("visualbert_tiny.yaml", ["model.vision.patch_sise=4"])
+
+
+def one_template(tmp_path: Path) -> str:
+    path = tmp_path / "templates.json"
+    path.write_text(json.dumps({"en": ["a handwritten {}."]}))
+    return str(path)
+
+
+@pytest.mark.parametrize("name", ["visualbert_tiny.yaml", "vilbert_tiny.yaml"])
+def test_tiny_configs_train_and_report_itm_retrieval(tmp_path, demo, name):
+    run = tmp_path / "run"
+    config = mmptm.load_config(
+        name, [*TINY_RUN, "train.max_steps=2", f"eval.tasks.0.templates={one_template(tmp_path)}"]
+    )
+    final = mmptm.train(config, output_dir=run)
+    assert {"eval/itm_i2t_r1", "eval/itm_i2t_r5", "eval/itm_t2i_r1", "eval/mlm_acc"} <= set(final)
+    assert final["eval/itm_num_images"] > 300 and 0 <= final["eval/itm_i2t_r1"] <= 1
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {"train/itm/loss", "train/vl_mlm/accuracy", "train/mrm/regression_loss"} <= set(records[0])
+    model, tokenizer, _ = mmptm.load_pretrained(run)
+    assert model.mask_id == tokenizer.mask_id == 4
+
+
+@pytest.mark.parametrize("size", ["small", "default"])
+def test_hf_visualbert_import_gives_equal_hidden_states(size):
+    transformers = pytest.importorskip("transformers")
+    from mmptm.interop.visualbert import visualbert_state_dict_from_hf
+
+    options = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
+               "visual_embedding_dim": 24, "vocab_size": 50} if size == "small" else {}
+    hf_config = transformers.VisualBertConfig(**options)
+    torch.manual_seed(0)
+    hf = transformers.VisualBertModel(hf_config).eval()
+    tokenizer = types.SimpleNamespace(vocab_size=hf_config.vocab_size, pad_id=0, eos_id=3, bos_id=2, mask_id=4)
+    model = mmptm.create_model({
+        "name": "visualbert", "width": hf_config.hidden_size, "layers": hf_config.num_hidden_layers,
+        "heads": hf_config.num_attention_heads, "mlp_ratio": hf_config.intermediate_size / hf_config.hidden_size,
+        "max_text_length": hf_config.max_position_embeddings, "vision": None, "box_positions": False,
+        "visual_dim": hf_config.visual_embedding_dim,
+    }, tokenizer=tokenizer).eval()
+    missing, unexpected = model.load_state_dict(visualbert_state_dict_from_hf(hf.state_dict()), strict=False)
+    assert not unexpected and all(k.startswith(("mlm_head", "itm_head", "region_")) for k in missing), missing
+    text = torch.randint(5, hf_config.vocab_size, (2, 9))
+    text[:, 0], text[:, 6], text[1, 7:] = 2, 3, 0
+    visual = torch.randn(2, 5, hf_config.visual_embedding_dim)
+    with torch.no_grad():
+        expected = hf(input_ids=text, attention_mask=(text != 0).long(), visual_embeds=visual,
+                      visual_attention_mask=torch.ones(2, 5, dtype=torch.long)).last_hidden_state
+        out = model(text, regions=visual, boxes=torch.zeros(2, 5, 4))
+    actual = torch.cat([out.text, out.visual], dim=1)
+    real = torch.cat([text != 0, torch.ones(2, 5, dtype=torch.bool)], dim=1)  # padding states are not compared
+    torch.testing.assert_close(actual[real], expected[real], atol=1e-4, rtol=1e-4)
