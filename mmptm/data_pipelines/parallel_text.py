@@ -8,8 +8,7 @@ are :mod:`mmptm.data_pipelines.streams`'.
 
 from __future__ import annotations
 
-import random
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -18,6 +17,7 @@ from mmptm.data_pipelines.context import DataContext
 from mmptm.data_pipelines.streams import (
     BadSample,
     Batch,
+    DeterministicDecoder,
     ShardStream,
     Skip,
     check_language,
@@ -30,7 +30,7 @@ from mmptm.registry import register_dataset
 PARALLEL_FIELDS = ("src", "tgt", "src_lang", "tgt_lang")
 
 
-class _ParallelDecoder:
+class _ParallelDecoder(DeterministicDecoder):
     """Turns a raw sample into ``{"key", "src", "tgt", "src_lang", "tgt_lang"}`` or a ``Skip``.
 
     Args:
@@ -39,13 +39,6 @@ class _ParallelDecoder:
 
     def __init__(self, languages: Sequence[str] | None) -> None:
         self.languages = languages
-
-    def decode_stream(
-        self, items: Iterable[dict[str, Any] | Skip], rng: random.Random  # noqa: ARG002 (nothing is drawn)
-    ) -> Iterator[dict[str, Any] | Skip]:
-        """Decode every raw sample of ``items``; ``Skip`` items pass through."""
-        for item in items:
-            yield item if isinstance(item, Skip) else self.decode(item)
 
     def decode(self, raw: dict[str, Any]) -> dict[str, Any] | Skip:
         try:

@@ -331,6 +331,19 @@ class SampleDecoder(Protocol):
         ...
 
 
+class DeterministicDecoder:
+    """A :class:`SampleDecoder` that draws nothing: subclasses define ``decode(raw) -> sample | Skip``."""
+
+    def decode(self, raw: dict[str, Any]) -> dict[str, Any] | Skip:
+        raise NotImplementedError
+
+    def decode_stream(
+        self, items: Iterable[dict[str, Any] | Skip], rng: random.Random  # noqa: ARG002 (nothing is drawn)
+    ) -> Iterator[dict[str, Any] | Skip]:
+        for item in items:
+            yield item if isinstance(item, Skip) else self.decode(item)
+
+
 class ShardPipeline(IterableDataset):
     """The per-worker webdataset pipeline; built anew at each iteration, for the epoch set in ``epoch``.
 

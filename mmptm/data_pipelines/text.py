@@ -17,7 +17,7 @@ from __future__ import annotations
 import glob
 import os
 import random
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -29,6 +29,7 @@ from mmptm.data_pipelines.language_sampling import language_sampling_probs
 from mmptm.data_pipelines.streams import (
     BadSample,
     Batch,
+    DeterministicDecoder,
     EpochStream,
     ShardPipeline,
     Skip,
@@ -47,7 +48,7 @@ from mmptm.registry import register_dataset
 NO_LABEL = -1
 
 
-class _TextDecoder:
+class _TextDecoder(DeterministicDecoder):
     """Turns a raw sample into ``{"ids", "lang", "label"}`` (ids: the text's pieces) or a ``Skip``.
 
     Args:
@@ -58,12 +59,6 @@ class _TextDecoder:
     def __init__(self, lang: str, tokenizer: Any) -> None:
         self.lang = lang
         self.tokenizer = tokenizer
-
-    def decode_stream(
-        self, items: Iterable[dict[str, Any] | Skip], rng: random.Random  # noqa: ARG002 (nothing is drawn)
-    ) -> Iterator[dict[str, Any] | Skip]:
-        for item in items:
-            yield item if isinstance(item, Skip) else self.decode(item)
 
     def decode(self, raw: dict[str, Any]) -> dict[str, Any] | Skip:
         try:
