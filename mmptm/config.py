@@ -52,6 +52,23 @@ class TokenizerConfig(_Section):
     context_length: int = Field(77, gt=1)
 
 
+class TowerOptions(_Section):
+    """Options of a model's tower section (``model.text``, ``model.vision`` of ``clip``) beyond its encoder's."""
+
+    init_from: str | None = Field(
+        None,
+        description="load the tower's weights from this checkpoint or run folder: the same tower of a model "
+        "(e.g. a CLIP's text tower) or a checkpoint of the encoder alone (e.g. a multilingual_encoder run)",
+    )
+    frozen: bool = Field(False, description="train without updating this tower (LiT: a frozen image tower)")
+    unfreeze_at_step: int | None = Field(
+        None, gt=0, description="with frozen: train the tower from this step on (single-process runs)"
+    )
+
+
+TOWER_OPTION_KEYS = tuple(TowerOptions.model_fields)
+
+
 class TrainConfig(_Section):
     """Optimisation, precision, logging and checkpointing of one run."""
 
@@ -77,6 +94,11 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(500, gt=0)
     keep_checkpoints: int = Field(3, gt=0)
     output_dir: str | None = Field(None, description="default: runs/<config name>")
+    objective_sampling: Literal["all", "round_robin", "proportional"] = Field(
+        "all",
+        description="which objectives each micro-step trains: all (their weighted losses summed), round_robin "
+        "(one after the other) or proportional (one, drawn by its objectives[i].ratio; seeded by the step)",
+    )
     init_from: str | None = Field(
         None,
         description="start from the weights of this checkpoint or run folder (e.g. one made by `mmptm convert`); "
@@ -173,7 +195,7 @@ RUNTIME_PARAMETERS: dict[str, set[str]] = {
     "evaluator": {"model", "context"},
 }
 # Keys of an ``objectives`` entry that belong to the trainer, not to the objective.
-OBJECTIVE_TRAINER_KEYS = {"weight": float, "data": str}
+OBJECTIVE_TRAINER_KEYS = {"weight": float, "data": str, "ratio": float}
 
 
 # --------------------------------------------------------------------------- loading
@@ -351,6 +373,12 @@ def validate_components(config: Config, where: str) -> None:
         weight = trainer_keys.get("weight", 1.0)
         if not isinstance(weight, (int, float)) or isinstance(weight, bool):
             raise ConfigError(f"{where}: 'objectives.{i}.weight' must be a number, got {weight!r}")
+        ratio = trainer_keys.get("ratio", 1.0)
+        if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not ratio > 0:
+            raise ConfigError(
+                f"{where}: 'objectives.{i}.ratio' (its share of the micro-steps with "
+                f"train.objective_sampling=proportional) must be a number > 0, got {ratio!r}"
+            )
         stream = trainer_keys.get("data", "train")
         if stream not in config.data:
             raise ConfigError(
@@ -368,10 +396,26 @@ def validate_components(config: Config, where: str) -> None:
         raise ConfigError(f"{where}: 'objectives' is empty; name at least one of: {', '.join(OBJECTIVES.names())}")
 
 
-def validate_component(registry: Registry, section: Any, key: str, where: str) -> dict[str, Any]:
+def validate_component(
+    registry: Registry, section: Any, key: str, where: str, tower: bool = False
+) -> dict[str, Any]:
+    """Check a component section against its registered constructor; return it with coerced values.
+
+    Args:
+        tower: the section is a model's tower (``TowerSpec``): it may also hold :class:`TowerOptions`.
+    """
     if not isinstance(section, dict):
         raise ConfigError(f"{where}: '{key}' must be a mapping with a 'name', got {section!r}")
     section = dict(section)
+    if tower:
+        tower_options = {k: section.pop(k) for k in TOWER_OPTION_KEYS if k in section}
+        try:
+            checked = TowerOptions.model_validate(tower_options)
+        except ValidationError as err:
+            raise ConfigError(_format_validation_error(err, where, TowerOptions, prefix=f"{key}.")) from None
+        if checked.unfreeze_at_step is not None and not checked.frozen:
+            raise ConfigError(f"{where}: '{key}.unfreeze_at_step' needs '{key}.frozen: true'")
+        return {**validate_component(registry, section, key, where), **checked.model_dump(exclude_unset=True)}
     if registry is ENCODERS and "name" not in section:
         section["name"] = "timm" if "timm_model" in section else "vit"
     name = section.get("name")
@@ -410,7 +454,7 @@ def validate_component(registry: Registry, section: Any, key: str, where: str) -
     for option in options:
         value = getattr(validated, option)
         if _is_encoder_spec(hints.get(option)) and value is not None:
-            value = validate_component(ENCODERS, value, f"{key}.{option}", where)
+            value = validate_component(ENCODERS, value, f"{key}.{option}", where, _is_tower_spec(hints.get(option)))
         result[option] = value
     # Encoder specs left at their default are validated too, so a bad default fails early.
     for pname in params:
@@ -425,6 +469,11 @@ def _type_hints(factory: Any) -> dict[str, Any]:
         return typing.get_type_hints(target, include_extras=True)
     except Exception:  # unresolvable annotations: fall back to no type checks
         return {}
+
+
+def _is_tower_spec(annotation: Any) -> bool:
+    """Whether an encoder section also takes :class:`TowerOptions` (``TowerSpec``)."""
+    return any("mmptm.tower" in getattr(a, "__metadata__", ()) for a in (annotation, *typing.get_args(annotation)))
 
 
 def _is_encoder_spec(annotation: Any) -> bool:

@@ -92,6 +92,10 @@ def _signature(obj: Callable[..., Any]) -> str:
 # against that encoder's signature, and the constructor builds it with
 # ``build(ENCODERS, spec, ...)``.
 EncoderSpec = Annotated[dict[str, Any], "mmptm.encoder"]
+# A model's tower section: an encoder section that also takes the tower options of
+# ``mmptm.config.TowerOptions`` (``init_from``, ``frozen``, ``unfreeze_at_step``),
+# which the model applies with :mod:`mmptm.encoders.towers`.
+TowerSpec = Annotated[dict[str, Any], "mmptm.encoder", "mmptm.tower"]
 
 
 def accepted_parameters(obj: Callable[..., Any]) -> dict[str, inspect.Parameter]:

@@ -48,13 +48,16 @@ def weights_at(run: Path, step: int) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize(
     ("strategy", "objective"),
-    [("ddp", "contrastive"), ("ddp", "siglip"), ("ddp", "chunked contrastive"), ("fsdp", "contrastive")],
+    [("ddp", "contrastive"), ("ddp", "siglip"), ("ddp", "chunked contrastive"), ("ddp", "grad-cached contrastive"),
+     ("fsdp", "contrastive")],
 )
 def test_two_processes_train_like_one_on_the_same_global_batch(tmp_path, demo, strategy, objective):
     overrides = ["train.max_steps=3", "train.checkpoint_every=1", "train.keep_checkpoints=3",
                  f"distributed.strategy={strategy}"]
     if objective == "chunked contrastive":
         overrides += ["objectives=[{name: contrastive, chunk_size: 5}]"]
+    if objective == "grad-cached contrastive":  # sub-batches of 3 of each rank's 8 pairs, loss over the gathered 16
+        overrides += ["objectives=[{name: contrastive, grad_cache_chunk: 3, chunk_size: 5}]"]
     if objective == "siglip":
         overrides += ["objectives=[{name: siglip}]", "model.init_logit_bias=-10", "model.init_logit_scale=2.302585"]
     train(tmp_path / "one", 1, overrides)
@@ -185,3 +188,31 @@ def test_an_fsdp_checkpoint_resumes_on_one_or_two_processes(tmp_path, demo):
 
     model, tokenizer, _ = mmptm.load_pretrained(tmp_path / "full")
     assert model.encode_text(tokenizer(["a handwritten two."])).shape == (1, 32)
+
+
+@pytest.mark.parametrize("config", ["visualbert_tiny.yaml", "vilbert_tiny.yaml"])
+def test_fusion_models_train_with_ddp_and_keep_the_ranks_weights_equal(tmp_path, demo, config):
+    # ITM, MLM and MRM run several forward passes per step, some through the unwrapped model (the tower,
+    # the region heads); every parameter still gets its gradient averaged over the ranks.
+    probe = Path(__file__).resolve().parent / "rank_weights_probe.py"
+    objectives = ("objectives=[{name: itm, hard_candidates: 4}, {name: vl_mlm, mask_prob: 0.4}, "
+                  f"{{name: mrm, weight: 0.1}}, {{name: rank_weights_probe, folder: '{tmp_path}'}}]")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+         str(29500 + (os.getpid() + 13) % 1000), "-m", "mmptm.cli", "train", config, objectives,
+         "data.train={name: fixed_global_batches, global_batch: 8}", "train.max_steps=3", "train.log_every=1",
+         "train.warmup_steps=0", "train.progress_bar=false", "train.tensorboard=false", "eval.tasks=[]",
+         "distributed.strategy=ddp", "--import", str(FIXTURES), "--import", str(probe),
+         "--output-dir", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert len(losses(tmp_path / "run")) == 3
+    first, last = (torch.load(tmp_path / f"rank0_call{n}.pt") for n in (1, 3))
+    other = torch.load(tmp_path / "rank1_call3.pt")
+    for key, value in last.items():
+        torch.testing.assert_close(other[key], value, atol=0, rtol=0, msg=key)
+    moved = [key for key in last if last[key].is_floating_point() and not torch.equal(first[key], last[key])]
+    assert any(k.startswith("visual.") for k in moved) and any(k.startswith("region_") for k in moved)
+    assert any("layers" in k for k in moved) and "itm_head.weight" in moved

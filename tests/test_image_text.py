@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import random
 import tempfile
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from mmptm.data_pipelines.context import DataContext
 from mmptm.data_pipelines.image_text import image_text
 from mmptm.data_pipelines.shards import open_tar_writer, write_shards
 from mmptm.data_pipelines.streams import ShardStream, resolve_shards
-from mmptm.data_pipelines.transforms import image_transform
+from mmptm.data_pipelines.transforms import image_transform, random_resized_crop_box
 from mmptm.registry import DATASETS, build
 
 CONTEXT_LENGTH = 12
@@ -359,6 +360,37 @@ def test_eval_transform_is_deterministic_and_normalises():
     random_crop = image_transform(8, mean, std, training=True, scale=(0.1, 0.3))
     crops = [random_crop(square) for _ in range(5)]
     assert all(c.shape == (3, 8, 8) for c in crops) and any(not torch.equal(crops[0], c) for c in crops[1:])
+
+
+def test_transforms_match_torchvision() -> None:
+    """Eval: torchvision's Resize + CenterCrop + ToTensor + Normalize (open_clip's); train: a crop resized as
+    torchvision's RandomResizedCrop does it (inside the box; PIL's box resize also reads across its edges)."""
+    from torchvision import transforms as T
+    from torchvision.transforms import InterpolationMode
+
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    image = Image.frombytes("RGB", (40, 30), bytes(range(256)) * 14 + bytes(range(3600 - 256 * 14)))
+    to_tensor = T.Compose([T.ToTensor(), T.Normalize(mean, std)])
+    evaluate = T.Compose([T.Resize(16, interpolation=InterpolationMode.BICUBIC), T.CenterCrop(16), to_tensor])
+    torch.testing.assert_close(image_transform(16, mean, std, training=False)(image), evaluate(image))
+    train = image_transform(16, mean, std, training=True, scale=(0.3, 0.6))
+    box = random_resized_crop_box(40, 30, (0.3, 0.6), (3 / 4, 4 / 3), random.Random(7))
+    expected = to_tensor(image.crop(box).resize((16, 16), Image.Resampling.BICUBIC))
+    torch.testing.assert_close(train(image, random.Random(7))[:, 3:-3, 3:-3], expected[:, 3:-3, 3:-3])
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 300), st.integers(1, 300), st.floats(0.05, 1.0), st.floats(0.0, 0.5), st.integers(0, 2**32))
+def test_random_crop_box_lies_in_the_image_with_the_drawn_area_and_ratio(width, height, low, spread, seed):
+    scale, ratio = (low, min(1.0, low + spread)), (3 / 4, 4 / 3)
+    left, top, right, bottom = random_resized_crop_box(width, height, scale, ratio, random.Random(seed))
+    assert 0 <= left < right <= width and 0 <= top < bottom <= height
+    w, h = right - left, bottom - top
+    fallback = (w == width or h == height) and (left, top) == ((width - w) // 2, (height - h) // 2)
+    if not fallback:  # a drawn crop: w, h are sqrt(area * r), sqrt(area / r) rounded to pixels
+        assert (w - 0.5) * (h - 0.5) <= scale[1] * width * height
+        assert (w + 0.5) * (h + 0.5) >= scale[0] * width * height
+        assert (w - 0.5) / (h + 0.5) <= ratio[1] and (w + 0.5) / (h - 0.5) >= ratio[0]
 
 
 # ----------------------------------------------------------------- property tests: random and corrupted bytes

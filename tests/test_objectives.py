@@ -204,6 +204,53 @@ def test_chunked_contrastive_objective_gives_the_same_gradients() -> None:
         build(OBJECTIVES, {"name": "contrastive", "chunk_size": 3, "local_loss": True})
 
 
+def tiny_clip() -> nn.Module:
+    from mmptm.encoders import CLIP
+
+    torch.manual_seed(5)
+    vision = {"name": "vit", "image_size": 16, "patch_size": 8, "width": 32, "layers": 1, "heads": 2}
+    text = {"name": "text_transformer", "context_length": 8, "width": 32, "layers": 1, "heads": 2}
+    return CLIP(16, vision=vision, text=text, vocab_size=30).train()
+
+
+def clip_batch(n: int = 10) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(6)
+    return {"image": torch.randn(n, 3, 16, 16, generator=generator),
+            "text": torch.randint(1, 30, (n, 8), generator=generator)}
+
+
+def saved_bytes_and_grads(options: dict[str, Any]) -> tuple[int, dict[str, torch.Tensor]]:
+    """Bytes autograd keeps for backward after the forward (outside checkpointed regions); loss and grads."""
+    model, saved = tiny_clip(), []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        saved.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = build(OBJECTIVES, options)(model, clip_batch())
+    out["loss"].backward()
+    return sum(saved), {"loss": out["loss"].detach(), **model_grads(model)}
+
+
+@pytest.mark.parametrize("chunk_size", [None, 4])
+def test_grad_cache_gives_the_naive_gradients_and_keeps_no_encoder_graph(chunk_size: int | None) -> None:
+    naive_saved, naive = saved_bytes_and_grads({"name": "contrastive"})
+    cached_saved, cached = saved_bytes_and_grads(
+        {"name": "contrastive", "grad_cache_chunk": 3, "chunk_size": chunk_size}
+    )
+    torch.testing.assert_close(cached, naive, rtol=0, atol=1e-5)
+    # Only the sub-batches' inputs and the features stay saved, not the towers' activations.
+    assert cached_saved < naive_saved / 5
+
+
+def test_grad_cache_needs_a_model_that_takes_sub_batch() -> None:
+    with pytest.raises(TypeError, match="FakeDualEncoder.forward does not"):
+        build(OBJECTIVES, {"name": "contrastive", "grad_cache_chunk": 2})(fake_model("contrastive"), fake_batch())
+    with pytest.raises(ValueError, match="grad_cache_chunk must be >= 1"):
+        build(OBJECTIVES, {"name": "contrastive", "grad_cache_chunk": 0})
+
+
 # ---------------------------------------------------------------- two processes over gloo
 
 

@@ -29,15 +29,18 @@ from mmptm.data_pipelines.streams import (
     decode_image,
     shard_stream,
 )
-from mmptm.data_pipelines.transforms import image_transform, transform_seeded
+from mmptm.data_pipelines.transforms import ImageTransform, image_transform
 from mmptm.registry import register_dataset
 
 
-class _SampleDecoder:
+class ImageTextDecoder:
     """Turns a raw webdataset sample into ``{"image", "caption" | "captions", "key"[, "label"]}`` or a ``Skip``.
 
+    Datasets of captioned samples with other visual files (region features, image tokens) subclass
+    it and override :meth:`visual`; captions, labels and skip handling stay the same.
+
     Args:
-        transform: PIL image -> tensor.
+        transform: PIL image (and the stream's generator, for random crops) -> tensor.
         caption_key: extension of the caption file.
         caption_languages: languages to draw json captions from (None: any).
         label_key: extension of the integer label file (None: no label).
@@ -46,7 +49,7 @@ class _SampleDecoder:
 
     def __init__(
         self,
-        transform: Callable[[Image.Image], torch.Tensor],
+        transform: ImageTransform,
         caption_key: str,
         caption_languages: list[str] | None,
         label_key: str | None,
@@ -88,7 +91,7 @@ class _SampleDecoder:
         Raises:
             BadSample: no decodable image.
         """
-        return {"image": transform_seeded(self.transform, self._image(raw), rng.getrandbits(63))}
+        return {"image": self.transform(self._image(raw), rng)}
 
     @staticmethod
     def _image(raw: dict[str, Any]) -> Image.Image:
@@ -153,8 +156,12 @@ def _json_captions(raw: dict[str, Any]) -> dict[str, list[str]]:
     return by_language
 
 
-class _Collate:
-    """Stacks decoded samples into a batch and tokenises single captions (picklable for DataLoader workers)."""
+class CaptionCollate:
+    """Stacks decoded samples into a batch and tokenises single captions (picklable for DataLoader workers).
+
+    The collate of every captioned dataset; a dataset whose visual entries need padding (region
+    features) subclasses it and pads before calling it.
+    """
 
     def __init__(self, tokenizer: Callable[[list[str]], torch.Tensor] | None) -> None:
         self.tokenizer = tokenizer
@@ -225,7 +232,7 @@ def image_text(
         FileNotFoundError: missing shards.
         ValueError: invalid options.
     """
-    decoder = _SampleDecoder(
+    decoder = ImageTextDecoder(
         image_transform(context.image_size, context.image_mean, context.image_std, context.training, augment_scale),
         caption_key=caption_key,
         caption_languages=caption_languages,
@@ -237,7 +244,7 @@ def image_text(
         shards,
         context,
         decoder,
-        _Collate(context.tokenizer),
+        CaptionCollate(context.tokenizer),
         batch_size=batch_size,
         num_workers=num_workers,
         shuffle_buffer=shuffle_buffer,

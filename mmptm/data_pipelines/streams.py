@@ -178,7 +178,9 @@ def decode_image(data: bytes, what: str) -> Image.Image:
     """
     try:
         with Image.open(io.BytesIO(data)) as image:
-            return image.convert("RGB")
+            image.load()
+            # convert() of an RGB image is a copy: skip it for the common case (JPEG).
+            return image if image.mode == "RGB" else image.convert("RGB")
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
         raise BadSample(f"undecodable {what} image: {err!r}") from None
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+import random
+from collections.abc import Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -13,6 +16,105 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
+def random_resized_crop_box(
+    width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float], rng: random.Random
+) -> tuple[int, int, int, int]:
+    """The box ``(left, top, right, bottom)`` of a random crop, drawn as torchvision's ``RandomResizedCrop``.
+
+    Szegedy et al. 2015, "Going Deeper with Convolutions", sec. 6 (the "Inception" crop):
+    an area fraction uniform in ``scale`` and a log-uniform aspect ratio in ``ratio``;
+    up to 10 tries for a crop that fits, else the largest centred crop within
+    ``ratio``. The same distribution as torchvision's, drawn from ``rng`` with
+    plain Python arithmetic (torchvision's tiny torch ops cost more than the resize).
+    """
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = round(math.sqrt(target_area * aspect))
+        h = round(math.sqrt(target_area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = rng.randint(0, height - h)
+            left = rng.randint(0, width - w)
+            return left, top, left + w, top + h
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, round(width / min(ratio))
+    elif in_ratio > max(ratio):
+        w, h = round(height * max(ratio)), height
+    else:
+        w, h = width, height
+    left, top = (width - w) // 2, (height - h) // 2
+    return left, top, left + w, top + h
+
+
+class ImageTransform:
+    """PIL image (any mode) -> normalised float tensor ``[3, S, S]``: the train or eval transform of a tower.
+
+    Training takes a random crop of ``scale`` of the area and aspect ``ratio``
+    (:func:`random_resized_crop_box`), resized bicubically to ``S`` in one PIL
+    call; evaluation resizes the shorter side to ``S`` and takes the centre crop
+    (torchvision's ``Resize`` + ``CenterCrop``, bit for bit open_clip's). There
+    is no horizontal flip: text and digits in images are not flip-invariant.
+    The uint8 pixels become normalised floats in one fused pass (what
+    ``ToTensor`` + ``Normalize`` do in five).
+
+    Args:
+        image_size: side ``S`` of the square output.
+        mean: per-channel mean subtracted after scaling to [0, 1].
+        std: per-channel standard deviation divided by.
+        training: random crops (True) or the deterministic resize + centre crop (False).
+        scale: area range of the random crop, as a fraction of the image.
+        ratio: aspect ratio range of the random crop.
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        training: bool,
+        scale: tuple[float, float] = (0.9, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    ) -> None:
+        self.image_size = image_size
+        self.training = training
+        self.scale = tuple(scale)
+        self.ratio = tuple(ratio)
+        # (x / 255 - mean) / std = x * gain + offset
+        self.gain = torch.tensor([1 / (255 * s) for s in std]).view(3, 1, 1)
+        self.offset = torch.tensor([-m / s for m, s in zip(mean, std, strict=True)]).view(3, 1, 1)
+        self._eval_geometry = None
+        if not training:
+            # Imported here: torchvision takes seconds to import, and configs are validated without it.
+            from torchvision import transforms as T
+            from torchvision.transforms import InterpolationMode
+
+            self._eval_geometry = T.Compose(
+                [T.Resize(image_size, interpolation=InterpolationMode.BICUBIC), T.CenterCrop(image_size)]
+            )
+
+    def __call__(self, image: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
+        """Transform ``image``, drawing a training crop from ``rng``.
+
+        Args:
+            image: a PIL image of any mode.
+            rng: the stream's generator, so that augmentation is a function of the run's seed,
+                epoch, worker and position (default: Python's global one, which DataLoader seeds per worker).
+        """
+        image = _to_rgb(image)
+        if self._eval_geometry is not None:
+            image = self._eval_geometry(image)
+        else:
+            box = random_resized_crop_box(*image.size, self.scale, self.ratio, rng or random)
+            # resize(box=...): crop and resample in one pass, without an intermediate crop copy.
+            size = (self.image_size, self.image_size)
+            image = image.resize(size, Image.Resampling.BICUBIC, box=box)
+        pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # a writable HWC uint8 copy
+        return torch.addcmul(self.offset, pixels.float(), self.gain)
+
+
 def image_transform(
     image_size: int,
     mean: Sequence[float],
@@ -20,49 +122,11 @@ def image_transform(
     training: bool,
     scale: tuple[float, float] = (0.9, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
-) -> Callable[[Image.Image], torch.Tensor]:
-    """Build the train or eval transform of a vision tower.
-
-    Training takes a random crop of ``scale`` of the area and aspect ``ratio``,
-    resized bicubically to ``image_size``; evaluation resizes the shorter side
-    to ``image_size`` and takes the centre crop. There is no horizontal flip:
-    text and digits in images are not flip-invariant.
-
-    Args:
-        image_size: side of the square output.
-        mean: per-channel mean subtracted after scaling to [0, 1].
-        std: per-channel standard deviation divided by.
-        training: random crops (True) or the deterministic resize + centre crop (False).
-        scale: area range of the random crop, as a fraction of the image.
-        ratio: aspect ratio range of the random crop.
+) -> ImageTransform:
+    """Build the train or eval transform of a vision tower (see :class:`ImageTransform` for the arguments).
 
     Returns:
-        A callable mapping a PIL image (any mode) to a float tensor ``[3, image_size, image_size]``.
+        A callable mapping a PIL image (any mode), and optionally a ``random.Random``
+        for the training crop, to a float tensor ``[3, image_size, image_size]``.
     """
-    # Imported here: torchvision takes seconds to import, and configs are validated without it.
-    from torchvision import transforms as T
-    from torchvision.transforms import InterpolationMode
-
-    if training:
-        geometry = [T.RandomResizedCrop(image_size, scale=scale, ratio=ratio, interpolation=InterpolationMode.BICUBIC)]
-    else:
-        geometry = [T.Resize(image_size, interpolation=InterpolationMode.BICUBIC), T.CenterCrop(image_size)]
-    return T.Compose([_to_rgb, *geometry, T.ToTensor(), T.Normalize(mean=tuple(mean), std=tuple(std))])
-
-
-def transform_seeded(transform: Callable[[Image.Image], torch.Tensor], image: Image.Image, seed: int) -> torch.Tensor:
-    """``transform(image)`` with torch's random number generator seeded by ``seed`` for the call only.
-
-    torchvision's random augmentations draw from the global generator, whose
-    state depends on the process (DataLoader worker seeds, a restored
-    checkpoint, whatever else ran). Seeding each sample from the stream's own
-    seeded generator makes the augmentation a function of (run seed, epoch,
-    worker, position), so a resumed run replays its epoch bit for bit.
-    """
-    generator = torch.default_generator  # the CPU generator torchvision draws from
-    saved = generator.get_state()
-    generator.manual_seed(seed)  # not torch.manual_seed: that one also seeds every accelerator, slowly
-    try:
-        return transform(image)
-    finally:
-        generator.set_state(saved)
+    return ImageTransform(image_size, mean, std, training, scale, ratio)

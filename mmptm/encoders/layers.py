@@ -11,7 +11,9 @@ Tensors are batch-first, ``[B, L, D]``, everywhere.
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -59,12 +61,8 @@ class Attention(nn.Module):
         Returns:
             ``[B, L, D]``.
         """
-        batch, length, width = x.shape
-        q, k, v = (
-            F.linear(x, self.in_proj_weight, self.in_proj_bias)
-            .view(batch, length, 3, self.heads, width // self.heads)
-            .permute(2, 0, 3, 1, 4)  # -> 3 x [B, heads, L, head_dim]
-        )
+        length = x.shape[1]
+        q, k, v = self.split_heads(F.linear(x, self.in_proj_weight, self.in_proj_bias), 3)
         if attn_mask is not None:
             if attn_mask.dtype != torch.bool:
                 raise ValueError(f"attn_mask must be boolean (True = may attend), got {attn_mask.dtype}")
@@ -74,7 +72,23 @@ class Attention(nn.Module):
                 causal = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
                 attn_mask, is_causal = attn_mask & causal, False
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
-        return self.out_proj(out.transpose(1, 2).reshape(batch, length, width))
+        return self.out_proj(self.merge_heads(out))
+
+    def split_heads(self, projected: torch.Tensor, parts: int) -> tuple[torch.Tensor, ...]:
+        """Split packed projections ``[B, L, parts * D]`` into ``parts`` tensors ``[B, heads, L, D / heads]``.
+
+        ``parts`` is 3 for the packed query/key/value projection of ``in_proj_weight``; an
+        encoder-decoder's cross-attention projects queries (1) and keys/values (2) apart.
+        """
+        batch, length, size = projected.shape
+        head_dim = size // (parts * self.heads)
+        return tuple(projected.view(batch, length, parts, self.heads, head_dim).permute(2, 0, 3, 1, 4))
+
+    @staticmethod
+    def merge_heads(out: torch.Tensor) -> torch.Tensor:
+        """``[B, heads, L, head_dim] -> [B, L, heads * head_dim]``, the input of ``out_proj``."""
+        batch, heads, length, head_dim = out.shape
+        return out.transpose(1, 2).reshape(batch, length, heads * head_dim)
 
 
 class QuickGELU(nn.Module):
@@ -179,7 +193,7 @@ class Transformer(nn.Module):
         for block in self.resblocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
                 # Recompute each block's activations in backward: memory O(layers) -> O(1) blocks.
-                x = checkpoint(block, x, attn_mask, is_causal, use_reentrant=False)
+                x = checkpoint_in_forward_modes(block, x, attn_mask, is_causal)
             else:
                 x = block(x, attn_mask=attn_mask, is_causal=is_causal)
         return x
@@ -189,3 +203,53 @@ def check_image_size(images: torch.Tensor, image_size: int) -> None:
     """Raise a ValueError unless ``images`` are ``[..., image_size, image_size]`` (a tower built for that size)."""
     if images.shape[-2:] != (image_size, image_size):
         raise ValueError(f"expected {image_size}x{image_size} images, got {tuple(images.shape)}")
+
+
+def grad_cached(
+    encode: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, sub_batch: int | None
+) -> torch.Tensor:
+    """``encode(inputs)`` in sub-batches whose activations are rebuilt in backward: GradCache's representation cache.
+
+    Gao et al. 2021, "Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup",
+    sec. 3.2: the representations of the whole batch are computed without keeping the encoder's
+    graph; backward first computes the loss's gradient with respect to all of them (the cached
+    gradients), then re-runs each sub-batch's forward with its graph and back-propagates its
+    slice. Non-reentrant activation checkpointing per sub-batch does exactly that inside one
+    ``backward()``, so accumulation, autocast and DDP's gradient hooks work unchanged. The
+    encoder's activation memory is that of one sub-batch; the loss still sees the whole batch.
+    Gradients equal the uncached ones; the forward runs twice.
+
+    Args:
+        encode: the encoder, ``[N, ...] -> [N, D]``, each row depending only on its input row.
+        inputs: the whole batch.
+        sub_batch: rows encoded at once (None: all, with the graph kept as usual).
+
+    Returns:
+        ``encode(inputs)``, ``[N, D]``.
+    """
+    if sub_batch is not None and sub_batch < 1:
+        raise ValueError(f"sub_batch must be >= 1, got {sub_batch}")
+    if sub_batch is None or not torch.is_grad_enabled() or inputs.shape[0] <= sub_batch:
+        return encode(inputs)
+    return torch.cat([checkpoint_in_forward_modes(encode, part) for part in inputs.split(sub_batch)])
+
+
+def checkpoint_in_forward_modes(function: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
+    """Non-reentrant activation checkpointing whose recomputation runs under the forward's torch function modes.
+
+    Autograd carries autocast into the recomputation in backward but not Python
+    ``TorchFunctionMode`` s, such as the CPU bf16 GEMM mode of
+    :mod:`mmptm.training.precision`; without them the recomputed activations would
+    differ from the saved ones (and checkpoint would refuse them).
+    """
+    modes = torch.overrides._get_current_function_mode_stack()
+
+    @contextlib.contextmanager
+    def forward_modes() -> Iterator[None]:  # entered only when backward recomputes
+        with contextlib.ExitStack() as stack:
+            for mode in modes:
+                stack.enter_context(mode)
+            yield
+
+    return checkpoint(function, *args, use_reentrant=False,
+                      context_fn=lambda: (contextlib.nullcontext(), forward_modes()))

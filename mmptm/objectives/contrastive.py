@@ -9,6 +9,7 @@ similarities. The numbers and gradients equal open_clip's ``ClipLoss``.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -177,15 +178,28 @@ def chunked_contrastive_loss(
     return _ChunkedContrastive.apply(image_features, text_features, logit_scale, chunk_size)
 
 
-def encode_pairs(model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+def encode_pairs(model: nn.Module, batch: dict[str, Any], sub_batch: int | None = None) -> dict[str, torch.Tensor]:
     """Run a dual encoder on a batch of pairs; return open_clip's output dict.
 
     Args:
         model: a dual encoder (possibly DDP-wrapped) whose ``visual.input_key``
             names the batch entry its vision tower reads.
         batch: ``{<visual.input_key>: images (or another modality), "text": tokens, ...}``.
+        sub_batch: GradCache's sub-batch size, passed to the model's ``forward`` (mmptm's
+            :class:`~mmptm.encoders.clip.CLIP` takes it); None: the model's plain forward.
+
+    Raises:
+        TypeError: ``sub_batch`` for a model whose forward does not take it.
     """
-    return model(image=batch[unwrap_model(model).visual.input_key], text=batch["text"])
+    inputs = {"image": batch[unwrap_model(model).visual.input_key], "text": batch["text"]}
+    if sub_batch is None:
+        return model(**inputs)
+    if "sub_batch" not in inspect.signature(unwrap_model(model).forward).parameters:
+        raise TypeError(
+            f"grad_cache_chunk needs a model whose forward takes sub_batch (mmptm's clip); "
+            f"{type(unwrap_model(model)).__name__}.forward does not"
+        )
+    return model(**inputs, sub_batch=sub_batch)
 
 
 @register_objective("contrastive")
@@ -205,14 +219,28 @@ class ContrastiveLoss(nn.Module):
             rows, forward and backward, so that memory grows linearly in the
             global batch (see :func:`chunked_contrastive_loss`); the same loss
             and gradients. Not with ``local_loss`` (whose logits are already ``[B, N]``).
+        grad_cache_chunk: encode the batch this many pairs at a time and rebuild each sub-batch's
+            activations in backward (GradCache, Gao et al. 2021, sec. 3.2; see
+            :func:`~mmptm.encoders.layers.grad_cached`): a batch larger than the towers' activations
+            fit in memory at once trains with the same gradients, for a second forward pass.
+            Combine with ``chunk_size`` for global batches of tens of thousands.
     """
 
-    def __init__(self, local_loss: bool = False, gather_with_grad: bool = True, chunk_size: int | None = None) -> None:
+    def __init__(
+        self,
+        local_loss: bool = False,
+        gather_with_grad: bool = True,
+        chunk_size: int | None = None,
+        grad_cache_chunk: int | None = None,
+    ) -> None:
         super().__init__()
         if chunk_size is not None and (local_loss or chunk_size < 1):
             raise ValueError(
                 f"contrastive: chunk_size ({chunk_size}) must be >= 1 and cannot be combined with local_loss"
             )
+        if grad_cache_chunk is not None and grad_cache_chunk < 1:
+            raise ValueError(f"contrastive: grad_cache_chunk must be >= 1, got {grad_cache_chunk}")
+        self.grad_cache_chunk = grad_cache_chunk
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
         self.chunk_size = chunk_size
@@ -234,7 +262,7 @@ class ContrastiveLoss(nn.Module):
             ``loss`` and the metrics ``logit_scale``, ``i2t_acc`` and ``t2i_acc``
             (top-1 over the logits the loss used), all scalar tensors.
         """
-        out = encode_pairs(model, batch)
+        out = encode_pairs(model, batch, self.grad_cache_chunk)
         image_features = out["image_features"]
         if self.chunk_size is not None:
             all_image, all_text = image_features, out["text_features"]

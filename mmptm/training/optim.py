@@ -47,9 +47,11 @@ def build_optimizer(
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    on_gpu = all(p.is_cuda for p in decay + no_decay)
-    # fused kernels where they exist (CUDA); foreach (multi-tensor) on the CPU.
-    fused, foreach = (True, None) if on_gpu else (None, True)
+    # The fused kernel (one vectorised pass over parameter, gradient and moments) exists for plain
+    # CPU and CUDA tensors; on the CPU it is ~10x faster than the default per-tensor loop, which
+    # costs a ViT-B step seconds. Sharded (DTensor) parameters take the multi-tensor path.
+    plain = all(type(p.data) is torch.Tensor and p.device.type in ("cpu", "cuda") for p in decay + no_decay)
+    fused, foreach = (True, None) if plain else (None, True)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused, foreach=foreach)
 
 

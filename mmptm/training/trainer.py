@@ -54,7 +54,9 @@ from mmptm.training.checkpoint import (
     save_checkpoint,
     staging_dir,
 )
+from mmptm.training.objective_sampling import objectives_for_draw
 from mmptm.training.optim import build_optimizer, build_scheduler
+from mmptm.training.precision import cpu_bf16_gemms
 from mmptm.training.sharding import (
     average_replicated_grads,
     clip_grad_norm,
@@ -211,7 +213,12 @@ class Trainer:
             cpu=not on_gpu,
             step_scheduler_with_optimizer=False,
             kwargs_handlers=[
-                DistributedDataParallelKwargs(find_unused_parameters=config.distributed.find_unused_parameters)
+                # A micro-step that samples one objective of several may leave parameters (another
+                # objective's tower or head) without a gradient, which DDP must be told to expect.
+                DistributedDataParallelKwargs(
+                    find_unused_parameters=config.distributed.find_unused_parameters
+                    or (tc.objective_sampling != "all" and len(config.objectives) > 1)
+                )
             ],
         )
         self.is_main = self.accelerator.is_main_process
@@ -221,6 +228,11 @@ class Trainer:
         self.model = create_model(config.model, tokenizer=self.tokenizer)
         if tc.init_from:
             self._init_weights(tc.init_from)
+        elif hasattr(self.model, "init_towers"):  # model.<tower>.init_from: towers from other checkpoints
+            try:
+                self.model.init_towers()
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
         if tc.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
         self.objectives = nn.ModuleList(
@@ -228,6 +240,13 @@ class Trainer:
             for spec in config.objectives
         )
         self.weights = [float(spec.get("weight", 1.0)) for spec in config.objectives]
+        self.ratios = [float(spec.get("ratio", 1.0)) for spec in config.objectives]
+        # The objective's name in metric keys; with the data stream when two entries share a name.
+        names = [spec["name"] for spec in config.objectives]
+        self.metric_names = [
+            name if names.count(name) == 1 else f"{name}:{spec.get('data', 'train')}"
+            for name, spec in zip(names, config.objectives, strict=True)
+        ]
         self.stream_of = [spec.get("data", "train") for spec in config.objectives]
 
         self.model.to(self.accelerator.device)
@@ -255,6 +274,15 @@ class Trainer:
             lr=tc.lr,
             min_lr=tc.min_lr,
         )
+        if self.accelerator.num_processes > 1 and any(
+            step is not None for step in getattr(self.model, "frozen_towers", {}).values()
+        ):
+            raise ConfigError(
+                "unfreeze_at_step needs a single-process run: DDP fixes the set of trained parameters when it "
+                "wraps the model (a tower frozen for the whole run, frozen: true alone, works with any count)"
+            )
+        # After the optimizer is built, so that it holds a tower that unfreezes later.
+        self._update_frozen_towers(0)
         train_model = torch.compile(self.model) if tc.compile else self.model
         if self.sharded:  # already sharded: accelerate must not wrap it in DDP as well
             self.train_model, self.optimizer = train_model, self.accelerator.prepare(optimizer)
@@ -314,6 +342,18 @@ class Trainer:
                 "architecture (see its config.yaml), and tokenizer.path its tokenizer (the checkpoint folder)"
             ) from None
         logger.info("initialised the model from %s", checkpoint)
+
+    def _update_frozen_towers(self, step: int) -> None:
+        """Apply the model's tower freezing schedule (``frozen``, ``unfreeze_at_step``) at ``step``."""
+        update = getattr(self.model, "update_frozen_towers", None)
+        if update is not None:
+            update(step)
+
+    @contextlib.contextmanager
+    def autocast(self) -> Iterator[None]:
+        """The run's mixed precision: accelerate's autocast, with fp32-kernel bf16 GEMMs on CPUs lacking bf16 ones."""
+        with self.accelerator.autocast(), cpu_bf16_gemms(self.accelerator.device, self.precision):
+            yield
 
     def _inner_optimizer(self) -> torch.optim.Optimizer:
         return self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
@@ -464,7 +504,7 @@ class Trainer:
             tokenizer=self.tokenizer,
             data=self._data_context(training=False),
             device=self.accelerator.device,
-            autocast=self.accelerator.autocast,
+            autocast=self.autocast,
             batches=self._eval_batches,
             step=self.step,
         )
@@ -505,7 +545,7 @@ class Trainer:
             languages=zs.languages,
             primary_language=zs.primary_language,
             device=self.accelerator.device,
-            autocast=self.accelerator.autocast,
+            autocast=self.autocast,
         )
         metrics = {
             "eval/zeroshot_top1": result["top1"],
@@ -529,7 +569,7 @@ class Trainer:
             self.tokenizer,
             self._eval_batches(stream, "retrieval"),
             device=self.accelerator.device,
-            autocast=self.accelerator.autocast,
+            autocast=self.autocast,
         )
         metrics = {
             "eval/retrieval_num_images": result["num_images"],
@@ -554,29 +594,43 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def _train_step(self) -> tuple[dict[str, torch.Tensor], int]:
-        """One optimizer step over every objective and accumulation micro-step."""
+        """One optimizer step over the accumulation micro-steps, each training the objectives
+        ``train.objective_sampling`` picks for it.
+
+        Returns:
+            The step's metrics (an objective's: the mean over the micro-steps it ran in; absent if it
+            ran in none) and the number of samples it trained on, over all ranks.
+        """
         tc = self.config.train
         totals: dict[str, torch.Tensor] = {}
+        runs: dict[str, int] = {}  # micro-steps each objective metric was summed over
         samples = 0
         for micro in range(tc.grad_accum_steps):
             last = micro == tc.grad_accum_steps - 1
             sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.train_model)
+            chosen = objectives_for_draw(
+                tc.objective_sampling, self.ratios, tc.seed, self.step * tc.grad_accum_steps + micro
+            )
             with sync:
                 loss = torch.zeros((), device=self.accelerator.device)
-                for objective, weight, stream, spec in zip(
-                    self.objectives, self.weights, self.stream_of, self.config.objectives, strict=True
-                ):
-                    batch = _to_device(self.streams[stream].next_batch(), self.accelerator.device)
+                for i in chosen:
+                    batch = _to_device(self.streams[self.stream_of[i]].next_batch(), self.accelerator.device)
                     samples += _batch_size(batch)
-                    with self.accelerator.autocast():
-                        out = objective(self.train_model, batch)
-                    loss = loss + weight * out["loss"].float()
+                    with self.autocast():
+                        out = self.objectives[i](self.train_model, batch)
+                    loss = loss + self.weights[i] * out["loss"].float()
                     for key, value in out.items():
-                        name = f"train/{spec['name']}/{key}" if len(self.objectives) > 1 or key != "loss" else None
+                        logged = len(self.objectives) > 1 or key != "loss"  # a lone objective's loss is train/loss
+                        name = f"train/{self.metric_names[i]}/{key}" if logged else None
                         if name is not None and torch.is_tensor(value):
-                            totals[name] = totals.get(name, 0) + value.detach().float() / tc.grad_accum_steps
-                self.accelerator.backward(loss / tc.grad_accum_steps)
+                            totals[name] = totals.get(name, 0) + value.detach().float()
+                            runs[name] = runs.get(name, 0) + 1
+                # Activations rebuilt in backward (checkpointing, GradCache) must be computed as in forward.
+                with cpu_bf16_gemms(self.accelerator.device, self.precision):
+                    self.accelerator.backward(loss / tc.grad_accum_steps)
                 totals["train/loss"] = totals.get("train/loss", 0) + loss.detach() / tc.grad_accum_steps
+        for name, count in runs.items():
+            totals[name] = totals[name] / count
         if self.sharded:
             average_replicated_grads(self.replicated_params)
         if tc.grad_clip is not None:
@@ -603,24 +657,26 @@ class Trainer:
 
             progress = tqdm(total=tc.max_steps, initial=self.step, desc="train", dynamic_ncols=True, file=sys.stderr)
         interval: dict[str, torch.Tensor] = {}
-        interval_steps, interval_samples, interval_start = 0, 0, time.perf_counter()
+        interval_counts: dict[str, int] = {}  # steps that logged each key (sampled objectives skip some)
+        interval_samples, interval_start = 0, time.perf_counter()
         eval_metrics: dict[str, float] = {}
         try:
             self.train_model.train()
             while self.step < tc.max_steps:
+                self._update_frozen_towers(self.step)
                 totals, samples = self._train_step()
                 self.step += 1
                 self.samples_seen += samples
-                interval_steps += 1
                 interval_samples += samples
                 for key, value in totals.items():
                     interval[key] = interval.get(key, 0) + value
+                    interval_counts[key] = interval_counts.get(key, 0) + 1
                 if progress is not None:
                     progress.update(1)
 
                 if self.step % tc.log_every == 0 or self.step == tc.max_steps:
                     elapsed = time.perf_counter() - interval_start
-                    metrics = self._reduce_interval(interval, interval_steps)
+                    metrics = self._reduce_interval(interval, interval_counts)
                     metrics["train/lr"] = self.scheduler.get_last_lr()[0]
                     metrics["train/samples_per_second"] = interval_samples / max(elapsed, 1e-9)
                     metrics["train/samples_seen"] = self.samples_seen
@@ -632,7 +688,7 @@ class Trainer:
                             lr=f"{metrics['train/lr']:.2e}",
                             samples_s=f"{metrics['train/samples_per_second']:.1f}",
                         )
-                    interval, interval_steps, interval_samples = {}, 0, 0
+                    interval, interval_counts, interval_samples = {}, {}, 0
                     interval_start = time.perf_counter()
                     if not math.isfinite(metrics["train/loss"]):
                         raise FloatingPointError(f"loss is {metrics['train/loss']} at step {self.step}")
@@ -676,12 +732,13 @@ class Trainer:
         self.stopped_by = self.stopped_by or "a stop signal on another rank"
         return True
 
-    def _reduce_interval(self, interval: dict[str, torch.Tensor], steps: int) -> dict[str, float]:
+    def _reduce_interval(self, interval: dict[str, torch.Tensor], counts: dict[str, int]) -> dict[str, float]:
+        """Each key's mean over the steps that logged it, averaged over ranks (who all log the same keys)."""
         keys = sorted(interval)
         if not keys:
             return {}
         stacked = torch.stack([torch.as_tensor(interval[k], device=self.accelerator.device).float() for k in keys])
-        stacked = stacked / steps
+        stacked = stacked / torch.tensor([float(counts[k]) for k in keys], device=stacked.device)
         if self.accelerator.num_processes > 1:
             stacked = self.accelerator.reduce(stacked, reduction="mean")
         return dict(zip(keys, stacked.tolist(), strict=True))
