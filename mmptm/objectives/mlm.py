@@ -108,6 +108,11 @@ def concat_pair(
 
 def pair_languages(model: nn.Module, batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The language indices of the source and target sides of a ``parallel_text`` batch."""
+    if not hasattr(model, "language_ids"):
+        raise ValueError(
+            f"a {type(model).__name__} model is no multilingual encoder (no language_ids): TLM, CLWR and CLPC "
+            "train a multilingual_encoder; align a dual encoder's text tower on parallel text with text_alignment"
+        )
     return model.language_ids(batch["src_lang"], device), model.language_ids(batch["tgt_lang"], device)
 
 
