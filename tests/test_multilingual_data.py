@@ -100,6 +100,22 @@ def test_bad_text_samples_are_skipped_and_counted(tmp_path):
     assert good[0]["label"].tolist() == [3, -1]
 
 
+def test_a_language_whose_samples_are_all_bad_fails_instead_of_skipping_forever(tmp_path, monkeypatch):
+    import mmptm.data_pipelines.text as text_module
+
+    monkeypatch.setattr(text_module, "MAX_SKIPS_WITHOUT_SAMPLE", 100)
+    write_json_shard(tmp_path / "en" / "0.tar", [{"text": "good", "lang": "en"}] * 20)
+    write_json_shard(tmp_path / "fr" / "0.tar", [{"text": "", "lang": "fr"}] * 20)
+    context = DataContext(tokenizer=WordTokenizer())
+    stream = text(context, str(tmp_path), alpha=0.0, batch_size=4, epoch_samples=40, shuffle_buffer=1)
+    with pytest.raises(ValueError, match="language 'fr' gave 100 bad samples from all its 1 shard"):
+        batches(stream)
+    # Many bad samples but a shard not yet seen bad: it may hold good ones, so the stream goes on.
+    write_json_shard(tmp_path / "fr" / "0.tar", [{"text": "", "lang": "fr"}] * 150)
+    write_json_shard(tmp_path / "fr" / "1.tar", [{"text": "ok", "lang": "fr"}] * 5)
+    out = batches(text(context, str(tmp_path), alpha=0.0, batch_size=4, epoch_samples=40, shuffle_buffer=1))
+    assert sum(len(b["lang"]) for b in out if not b.get("empty")) == 40
+
 def test_text_options_fail_clearly(tmp_path):
     write_json_shard(tmp_path / "en" / "0.tar", [{"text": "a", "lang": "en"}])
     context = DataContext(tokenizer=WordTokenizer())
@@ -167,3 +183,16 @@ def test_demo_split_is_deterministic_and_unique():
     assert [i.id for i in first[1]] == [i.id for i in second[1]]
     assert [i.id for i in split_items(items, 1)[1]] != [i.id for i in first[1]]
     assert sum(item.label is not None for item in first[1]) == 1000
+
+
+def test_data_demo_cli_builds_the_multilingual_corpus(corpus, capsys):
+    from mmptm.cli import main
+
+    assert main(["data", "demo", "--corpus", "multilingual", "--root", str(corpus)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert set(printed) == {"multilingual"}
+    assert printed["multilingual"]["root"] == str(corpus)
+    assert printed["multilingual"]["languages"] == list(MULTILINGUAL_LANGUAGES)
+    assert printed["multilingual"]["num_held_out_items"] > 0
+    assert main(["data", "demo", "--root", str(corpus)]) == 2
+    assert "--corpus images or --corpus multilingual" in capsys.readouterr().err

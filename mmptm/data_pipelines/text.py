@@ -17,6 +17,7 @@ from __future__ import annotations
 import glob
 import os
 import random
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -46,6 +47,9 @@ from mmptm.registry import register_dataset
 
 # The label of a sample without one.
 NO_LABEL = -1
+# Bad samples, with no good one yet and every shard of the language seen among them, after which a
+# resampled language is declared unusable (instead of being skipped forever).
+MAX_SKIPS_WITHOUT_SAMPLE = 10_000
 
 
 class _TextDecoder(DeterministicDecoder):
@@ -155,6 +159,8 @@ class LanguageSampledPipeline(IterableDataset):
         rng = random.Random(derive_seed("languages", self.context.seed, self.epoch, self.context.rank, worker))
         streams = {lang: pipeline.decoded_samples() for lang, pipeline in self.pipelines.items()}
         pending: dict[str, dict[str, Any]] = {}
+        bad_shards: dict[str, Counter[str]] = {}  # per language never seen good: bad samples per shard
+        seen_good: set[str] = set()
         languages, weights = list(self.probs), list(self.probs.values())
         quota = self.epoch_samples // num_workers + (worker < self.epoch_samples % num_workers)
         budget = self.max_length - 2  # pieces and separators between bos and the final eos
@@ -166,8 +172,11 @@ class LanguageSampledPipeline(IterableDataset):
                 if sample is None:
                     sample = next(streams[lang])
                     if isinstance(sample, Skip):
+                        if lang not in seen_good:
+                            self._check_not_all_bad(lang, sample, bad_shards.setdefault(lang, Counter()))
                         yield sample
                         continue
+                    seen_good.add(lang)
                 if row is None:
                     row = sample
                 elif len(row["ids"]) + 1 + len(sample["ids"]) <= budget:
@@ -178,6 +187,17 @@ class LanguageSampledPipeline(IterableDataset):
                 if not self.pack:
                     break
             yield row
+
+
+    def _check_not_all_bad(self, lang: str, skip: Skip, bad_shards: Counter[str]) -> None:
+        """Resampled shards whose samples are all bad would be skipped forever: fail, naming the language."""
+        bad_shards[skip.url] += 1
+        if bad_shards.total() >= MAX_SKIPS_WITHOUT_SAMPLE and set(self.pipelines[lang].urls) <= set(bad_shards):
+            raise ValueError(
+                f"text: language '{lang}' gave {bad_shards.total()} bad samples from all its "
+                f"{len(bad_shards)} shard(s) and no good one (last: {skip.id}: {skip.reason}); fix its shards "
+                "or drop it from the stream's 'languages'"
+            )
 
 
 def language_shards(shards: str | Mapping[str, str], languages: Sequence[str] | None) -> dict[str, list[str]]:
