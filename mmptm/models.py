@@ -64,6 +64,7 @@ def load_pretrained(path: str | Path, device: str = "cpu") -> Pretrained:
             (its latest checkpoint is used).
         device: where to put the model.
     """
+    from mmptm.data_pipelines.context import image_tower
     from mmptm.data_pipelines.tokenizer import load_tokenizer
     from mmptm.data_pipelines.transforms import image_transform
     from mmptm.training.checkpoint import load_weights, resolve_checkpoint
@@ -86,7 +87,7 @@ def load_pretrained(path: str | Path, device: str = "cpu") -> Pretrained:
     model = create_model(run_config["model"], tokenizer=tokenizer)
     load_weights(model, checkpoint / "model.safetensors")
     model.to(device).eval()
-    visual = getattr(model, "visual", None)
+    visual = image_tower(model)
     preprocess = image_transform(
         getattr(visual, "image_size", 224),
         getattr(visual, "image_mean", (0.48145466, 0.4578275, 0.40821073)),

@@ -29,15 +29,24 @@ class DataContext:
     world_size: int = 1
 
 
+def image_tower(model: Any) -> Any:
+    """The module whose ``image_size``, ``image_mean`` and ``image_std`` define a model's image preprocessing.
+
+    That is the vision tower ``model.visual`` (None for a model without one), or, for a model without
+    a ``visual`` attribute, the model itself (an image tokenizer such as the ``dvae``).
+    """
+    return getattr(model, "visual", model)
+
+
 def model_data_context(model: Any, **fields: Any) -> DataContext:
-    """A :class:`DataContext` with the image size and normalisation that ``model.visual`` stores.
+    """A :class:`DataContext` with the image size and normalisation that the model's :func:`image_tower` stores.
 
     Args:
-        model: a model whose vision tower (``model.visual``) may have ``image_size``, ``image_mean``
-            and ``image_std`` (the defaults stand in for what it lacks).
+        model: a model whose vision tower (``model.visual``, or the model itself without one) may have
+            ``image_size``, ``image_mean`` and ``image_std`` (the defaults stand in for what it lacks).
         fields: the other fields (``tokenizer``, ``training``, ``seed``, ...).
     """
-    visual = getattr(model, "visual", None)
+    visual = image_tower(model)
     defaults = DataContext()
     return DataContext(
         image_size=getattr(visual, "image_size", defaults.image_size),
