@@ -48,8 +48,9 @@ setup(
             "transformers>=4.40",
             "clip_benchmark>=1.6",
             "requests>=2.28",  # clip_benchmark imports it without declaring it
+            "sacrebleu>=2.0",  # the reference chrF that tests/test_mbart.py checks mmptm's against
         ],
-        "interop": ["open_clip_torch>=2.24", "transformers>=4.40"],
+        "interop": ["open_clip_torch>=2.24", "transformers>=4.40", "tokenizers>=0.15"],
     },
     entry_points={"console_scripts": ["mmptm=mmptm.cli:main"]},
 )

@@ -1,4 +1,4 @@
-"""The ``mmptm`` command line: train, data, tokenizer, zeroshot, convert, list."""
+"""The ``mmptm`` command line: train, data, tokenizer, zeroshot, generate, convert, list."""
 
 from __future__ import annotations
 
@@ -9,11 +9,16 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from mmptm.generation.cli import add_generate_parser
 from mmptm.interop.cli import add_convert_parser
 
 if TYPE_CHECKING:
     from mmptm.data_pipelines.context import DataContext
     from mmptm.evaluation.common import Autocast
+
+
+class CLIError(Exception):
+    """A bad combination of command-line arguments (exit status 2, message without a traceback)."""
 
 EXAMPLES = """examples:
   mmptm train clip_tiny.yaml                       train the demo CLIP (builds the demo data on first use)
@@ -22,9 +27,12 @@ EXAMPLES = """examples:
   mmptm data demo                                  build the embedded demo dataset
   mmptm data shards images/ shards/                write webdataset shards from a folder, CSV or JSONL
   mmptm tokenizer train corpus.jsonl --output spm.model --vocab-size 32000 --alpha 0.3
+  mmptm tokenizer images --checkpoint runs/dvae_tiny --data demo:train --out tokens/   dVAE image tokens
   mmptm zeroshot classify --checkpoint runs/clip_tiny --data demo:val --classnames demo:classnames \
       --templates demo:templates                   zero-shot accuracy of a checkpoint, as JSON
   mmptm zeroshot retrieve --checkpoint runs/clip_tiny --data demo:val --language en
+  mmptm generate --checkpoint runs/dalle_tiny --prompt "a handwritten seven." --num 16 --out seven.png \
+      --rerank runs/clip_tiny --keep 4            text-to-image with a token decoder, reranked by CLIP
   mmptm convert open_clip ViT-B-32.pt ckpt/ --model ViT-B-32      import OpenCLIP weights (also: hf, to-hf)
   mmptm list                                       registered encoders, models, objectives, datasets, configs
 """
@@ -78,12 +86,18 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="{demo,shards}")
     demo = data_sub.add_parser(
         "demo",
-        help="build the embedded demo dataset (handwritten digits, captions in 10 languages)",
-        description="Build the demo dataset into $MMPTM_CACHE/demo-v2 (default ~/.cache/mmptm): "
+        help="build the embedded demo data (handwritten digits with captions in 10 languages; "
+        "multilingual text corpus)",
+        description="Build the demo data into $MMPTM_CACHE (default ~/.cache/mmptm): 'images' is demo-v2, "
         "scikit-learn's 1,797 handwritten digits as webdataset shards with multilingual captions, "
-        "a seeded train/val split and a sentencepiece tokenizer.",
+        "a seeded train/val split and a sentencepiece tokenizer; 'multilingual' is demo-multilingual-v1, "
+        "num2words numbers and CLDR names as monolingual and parallel text shards in 8 languages with "
+        "held-out items and a sentencepiece tokenizer. Bundled configs build what they need on first use.",
     )
-    demo.add_argument("--root", help="build here instead of the cache folder")
+    demo.add_argument(
+        "--corpus", choices=("images", "multilingual", "all"), default="all", help="what to build (default all)"
+    )
+    demo.add_argument("--root", help="build here instead of the cache folder (needs --corpus images or multilingual)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the train/val split (default 0)")
     demo.add_argument("--force", action="store_true", help="rebuild even if it exists")
     demo.set_defaults(func=_data_demo)
@@ -108,17 +122,27 @@ def _data_demo(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from mmptm.data_pipelines.demo import ensure_demo
+    from mmptm.data_pipelines.demo_multilingual import ensure_multilingual_demo
 
-    paths = ensure_demo(root=Path(args.root) if args.root else None, seed=args.seed, force=args.force)
-    _print_json(
-        root=str(paths.root),
-        train_shards=paths.train_shards,
-        val_shards=paths.val_shards,
-        tokenizer=str(paths.tokenizer),
-        num_train=paths.num_train,
-        num_val=paths.num_val,
-        languages=list(paths.languages),
-    )
+    if args.root and args.corpus == "all":
+        raise CLIError("data demo: --root builds one corpus; add --corpus images or --corpus multilingual")
+    root = Path(args.root) if args.root else None
+    built: dict[str, object] = {}
+    if args.corpus in ("images", "all"):
+        paths = ensure_demo(root=root, seed=args.seed, force=args.force)
+        built["images"] = {
+            "root": str(paths.root),
+            "train_shards": paths.train_shards,
+            "val_shards": paths.val_shards,
+            "tokenizer": str(paths.tokenizer),
+            "num_train": paths.num_train,
+            "num_val": paths.num_val,
+            "languages": list(paths.languages),
+        }
+    if args.corpus in ("multilingual", "all"):
+        directory = ensure_multilingual_demo(root=root, seed=args.seed, force=args.force)
+        built["multilingual"] = {"root": str(directory), **json.loads((directory / "info.json").read_text())}
+    _print_json(**built)
     return 0
 
 
@@ -149,8 +173,8 @@ def _data_shards(args: argparse.Namespace) -> int:
 
 
 def _add_tokenizer(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("tokenizer", help="train tokenizers")
-    tok_sub = p.add_subparsers(dest="tokenizer_command", required=True, metavar="{train}")
+    p = sub.add_parser("tokenizer", help="train text tokenizers; tokenise image shards with a dVAE")
+    tok_sub = p.add_subparsers(dest="tokenizer_command", required=True, metavar="{train,images}")
     t = tok_sub.add_parser(
         "train",
         help="train a multilingual sentencepiece model",
@@ -169,6 +193,23 @@ def _add_tokenizer(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--lang-key", default="lang")
     t.set_defaults(func=_tokenizer_train)
 
+    images = tok_sub.add_parser(
+        "images",
+        help="precompute the image tokens of image-text shards with a dvae/vqvae checkpoint",
+        description="Write token shards (00000.tar, ...): per sample its key, tokens.npy (the dVAE's token "
+        "grid, int16/int32), its txt and json captions and its cls label, for the image_tokens data stream "
+        "(DALL-E's token decoder). Samples without a decodable image or caption are skipped and counted. "
+        "Prints one JSON object.",
+    )
+    images.add_argument("--checkpoint", required=True, help="a dvae/vqvae checkpoint, or a run folder (its latest)")
+    images.add_argument("--data", required=True, help="image-text shards (pattern, folder of *.tar, demo:train)")
+    images.add_argument("--out", required=True, help="folder to write the token shards into")
+    images.add_argument("--batch-size", type=_int_at_least(1), default=256)
+    images.add_argument("--samples-per-shard", type=_int_at_least(1), default=10000)
+    images.add_argument("--num-workers", type=_int_at_least(0), default=2, help="data loader processes")
+    images.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    images.set_defaults(func=_tokenizer_images)
+
 
 def _tokenizer_train(args: argparse.Namespace) -> int:
     from mmptm.data_pipelines.tokenizer import train_tokenizer_cli
@@ -185,6 +226,30 @@ def _tokenizer_train(args: argparse.Namespace) -> int:
         lang_key=args.lang_key,
     )
     print(path)
+    return 0
+
+
+def _tokenizer_images(args: argparse.Namespace) -> int:
+    import torch
+
+    from mmptm.data_pipelines.image_tokens import tokenize_image_shards
+
+    stats = tokenize_image_shards(
+        args.checkpoint,
+        args.data,
+        args.out,
+        batch_size=args.batch_size,
+        samples_per_shard=args.samples_per_shard,
+        num_workers=args.num_workers,
+        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+    )
+    _print_json(
+        num_samples=stats.num_samples,
+        num_skipped=stats.num_skipped,
+        shards=[str(path) for path in stats.shards],
+        grid_size=stats.grid_size,
+        codebook_size=stats.codebook_size,
+    )
     return 0
 
 
@@ -257,10 +322,21 @@ def _add_zeroshot(sub: argparse._SubParsersAction) -> None:
         description="Image->text and text->image Recall@1/5/10 on image-text shards; every caption of an image "
         "(its json captions in the chosen languages, or its txt) counts, as in the COCO/Flickr30k protocol of "
         "clip_benchmark. With --parallel: Tatoeba-style accuracy@1 of retrieving each sentence's translation, "
-        "both ways, on parallel-text shards ({src, tgt, src_lang, tgt_lang} json).",
+        "both ways, on parallel-text shards ({src, tgt, src_lang, tgt_lang} json). A fusion checkpoint "
+        "(visualbert, vilbert) ranks with its image-text matching head: every pair (small sets), or with "
+        "--rerank-from the top-k candidates of a dual encoder.",
     )
     retrieve.add_argument("--data", required=True, help="image-text shards, or parallel-text shards with --parallel")
     retrieve.add_argument("--parallel", action="store_true", help="cross-lingual text->text retrieval")
+    retrieve.add_argument(
+        "--rerank-from",
+        metavar="CHECKPOINT",
+        help="fusion checkpoints only: a dual encoder (CLIP) checkpoint whose top-k captions per image and images "
+        "per caption the matching head reorders (default: score every image-caption pair)",
+    )
+    retrieve.add_argument(
+        "--top-k", type=_int_at_least(1), default=16, help="candidates per query reranked with --rerank-from"
+    )
     retrieve.set_defaults(func=_zeroshot_retrieve)
 
 
@@ -269,8 +345,11 @@ def _split_languages(values: list[str] | None) -> list[str] | None:
     return [lang for value in values for lang in value.split(",") if lang] if values else None
 
 
-def _load_for_evaluation(args: argparse.Namespace) -> tuple[Any, Any, DataContext, str, Autocast | None]:
-    """The checkpoint's model and tokenizer, its eval data context, the device and the autocast factory."""
+def _load_for_evaluation(
+    args: argparse.Namespace, checkpoint: str | None = None
+) -> tuple[Any, Any, DataContext, str, Autocast | None]:
+    """The model and tokenizer of ``checkpoint`` (default: ``--checkpoint``), its eval data context, the device
+    and the autocast factory."""
     import torch
 
     from mmptm.data_pipelines.context import model_data_context
@@ -279,7 +358,7 @@ def _load_for_evaluation(args: argparse.Namespace) -> tuple[Any, Any, DataContex
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     autocast = precision_autocast(args.precision, device)
-    model, tokenizer, _ = load_pretrained(args.checkpoint, device=device)
+    model, tokenizer, _ = load_pretrained(checkpoint or args.checkpoint, device=device)
     # The dataset's eval transform is load_pretrained's preprocess: built from the same tower attributes.
     context = model_data_context(model, tokenizer=tokenizer, training=False)
     return model, tokenizer, context, device, autocast
@@ -317,16 +396,59 @@ def _zeroshot_classify(args: argparse.Namespace) -> int:
 
 
 def _zeroshot_retrieve(args: argparse.Namespace) -> int:
-    from mmptm.evaluation import crosslingual_retrieval, parallel_stream, retrieval_stream, zeroshot_retrieval
+    from mmptm.encoders.fusion import FusionModel
+    from mmptm.evaluation import (
+        EvaluationError,
+        crosslingual_retrieval,
+        parallel_stream,
+        retrieval_stream,
+        zeroshot_retrieval,
+    )
 
     languages = _split_languages(args.languages)
     model, tokenizer, context, device, autocast = _load_for_evaluation(args)
+    if isinstance(model, FusionModel) and not args.parallel:
+        return _itm_retrieve(args, model, tokenizer, context, device, autocast, languages)
+    if args.rerank_from:
+        raise EvaluationError(
+            "--rerank-from reranks with a fusion model's matching head; --checkpoint must be a visualbert or "
+            f"vilbert checkpoint (got {type(model).__name__}) and --parallel unset"
+        )
     if args.parallel:
         stream = parallel_stream(args.data, context, args.batch_size, args.num_workers)
         result = crosslingual_retrieval(model, tokenizer, stream, languages=languages, device=device, autocast=autocast)
     else:
         stream = retrieval_stream(args.data, context, languages, args.batch_size, args.num_workers)
         result = zeroshot_retrieval(model, tokenizer, stream, device=device, autocast=autocast)
+    _print_json(**result)
+    return 0
+
+
+def _itm_retrieve(
+    args: argparse.Namespace,
+    model: Any,
+    tokenizer: Any,
+    context: DataContext,
+    device: str,
+    autocast: Autocast | None,
+    languages: list[str] | None,
+) -> int:
+    """``zeroshot retrieve`` of a fusion checkpoint: its matching head ranks all pairs or a dual encoder's top-k."""
+    from mmptm.evaluation import dual_encoder_candidates, fusion_stream, itm_image_text_retrieval, retrieval_stream
+
+    candidates = None
+    if args.rerank_from:
+        dual, dual_tokenizer, dual_context, _, _ = _load_for_evaluation(args, args.rerank_from)
+        dual_stream = retrieval_stream(args.data, dual_context, languages, args.batch_size, args.num_workers)
+        candidates = dual_encoder_candidates(
+            dual, dual_tokenizer, dual_stream, args.top_k, device=device, autocast=autocast
+        )
+    stream = fusion_stream(
+        model, context, args.data, languages, args.batch_size, args.num_workers, all_captions=True
+    )
+    result = itm_image_text_retrieval(
+        model, tokenizer, stream, candidates=candidates, device=device, autocast=autocast
+    )
     _print_json(**result)
     return 0
 
@@ -366,11 +488,14 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,data,tokenizer,zeroshot,convert,list}")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="{train,data,tokenizer,zeroshot,generate,convert,list}"
+    )
     _add_train(sub)
     _add_data(sub)
     _add_tokenizer(sub)
     _add_zeroshot(sub)
+    add_generate_parser(sub)
     add_convert_parser(sub)
     _add_list(sub)
     return parser
@@ -391,12 +516,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     from mmptm.config import ConfigError
     from mmptm.evaluation.common import EvaluationError
+    from mmptm.generation.pipeline import GenerationError
     from mmptm.interop.common import ConversionError
     from mmptm.registry import UnknownNameError
 
     try:
         return args.func(args)
-    except (ConfigError, UnknownNameError, FileNotFoundError, EvaluationError, ConversionError) as err:
+    except (
+        CLIError, ConfigError, UnknownNameError, FileNotFoundError, EvaluationError, ConversionError, GenerationError
+    ) as err:
         print(f"mmptm: error: {err}", file=sys.stderr)
         return 2
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import mmptm
 from mmptm.config import ConfigError
@@ -194,6 +195,23 @@ def test_config_validates_an_optional_tower():
         mmptm.load_config("visualbert_tiny.yaml", ["model.vision.patch_sise=4"])
 
 
+@pytest.mark.parametrize("name", ["visualbert_tiny.yaml", "vilbert_tiny.yaml"])
+def test_shared_fusion_options_are_config_options_of_each_model(name):
+    # FusionModel's keyword-only options reach each model's signature (and its type checks) without being
+    # repeated in it; a model's own default wins (ViLBERT's visual_dim: the paper's 2048 region features).
+    config = mmptm.load_config(name, ["model.freeze_vision=true", "model.region_classes=7"])
+    assert config.model["freeze_vision"] is True and config.model["region_classes"] == 7
+    with pytest.raises(ConfigError, match="region_classes"):
+        mmptm.load_config(name, ["model.region_classes=many"])
+    with pytest.raises(ConfigError, match="did you mean 'freeze_vision'"):
+        mmptm.load_config(name, ["model.freeze_visoin=true"])
+    from mmptm.registry import MODELS, accepted_parameters
+
+    params = accepted_parameters(MODELS.get(name.split("_")[0]))
+    assert {"vision", "freeze_vision", "visual_dim", "region_classes", "mask_id"} <= set(params)
+    assert params["visual_dim"].default == (2048 if name.startswith("vilbert") else 768)
+
+
 def one_template(tmp_path: Path) -> str:
     path = tmp_path / "templates.json"
     path.write_text(json.dumps({"en": ["a handwritten {}."]}))
@@ -215,32 +233,159 @@ def test_tiny_configs_train_and_report_itm_retrieval(tmp_path, demo, name):
     assert model.mask_id == tokenizer.mask_id == 4
 
 
-@pytest.mark.parametrize("size", ["small", "default"])
-def test_hf_visualbert_import_gives_equal_hidden_states(size):
+def write_bert_vocab(path: Path, size: int) -> Path:
+    """A BERT-layout vocab.txt of ``size`` pieces: [PAD] [UNK] [CLS] [SEP] [MASK], then words and ``##`` pieces."""
+    words = ["a", "hand", "##written", "seven", ".", ",", "the", "##s"]
+    pieces = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    pieces += [f"w{i}" for i in range(size - len(pieces))]
+    path.write_text("\n".join(pieces) + "\n", encoding="utf-8")
+    return path
+
+
+def test_wordpiece_tokenizer_gives_bert_tokenizer_ids(tmp_path):
     transformers = pytest.importorskip("transformers")
-    from mmptm.interop.visualbert import visualbert_state_dict_from_hf
+    from mmptm.data_pipelines.tokenizer import load_tokenizer
+
+    vocab = write_bert_vocab(tmp_path / "vocab.txt", 40)
+    ours = load_tokenizer(tmp_path, context_length=8)
+    theirs = transformers.BertTokenizer(str(vocab), do_lower_case=True)
+    texts = ["A handwritten Seven.", "the hands, THE w3 w30 ünknown"]
+    expected = theirs(texts, padding="max_length", max_length=8, truncation=True, return_tensors="pt").input_ids
+    torch.testing.assert_close(ours(texts), expected)
+    assert (ours.pad_id, ours.bos_id, ours.eos_id, ours.mask_id, ours.vocab_size) == (0, 2, 3, 4, 40)
+    assert ours.decode(ours("a handwritten seven.")[0]) == "a handwritten seven."
+    saved = load_tokenizer(ours.save(tmp_path / "saved"), context_length=8)
+    torch.testing.assert_close(saved(texts), expected)
+
+
+@pytest.mark.parametrize("size", ["small", "default"])
+def test_hf_visualbert_import_via_the_cli_gives_equal_states_and_head_logits(tmp_path, capsys, size):
+    transformers = pytest.importorskip("transformers")
+    from mmptm.cli import main
 
     options = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
                "visual_embedding_dim": 24, "vocab_size": 50} if size == "small" else {}
     hf_config = transformers.VisualBertConfig(**options)
     torch.manual_seed(0)
-    hf = transformers.VisualBertModel(hf_config).eval()
-    tokenizer = types.SimpleNamespace(vocab_size=hf_config.vocab_size, pad_id=0, eos_id=3, bos_id=2, mask_id=4)
-    model = mmptm.create_model({
-        "name": "visualbert", "width": hf_config.hidden_size, "layers": hf_config.num_hidden_layers,
-        "heads": hf_config.num_attention_heads, "mlp_ratio": hf_config.intermediate_size / hf_config.hidden_size,
-        "max_text_length": hf_config.max_position_embeddings, "vision": None, "box_positions": False,
-        "visual_dim": hf_config.visual_embedding_dim,
-    }, tokenizer=tokenizer).eval()
-    missing, unexpected = model.load_state_dict(visualbert_state_dict_from_hf(hf.state_dict()), strict=False)
-    assert not unexpected and all(k.startswith(("mlm_head", "itm_head", "region_")) for k in missing), missing
+    hf = transformers.VisualBertForPreTraining(hf_config).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    vocab = write_bert_vocab(tmp_path / "vocab.txt", hf_config.vocab_size)
+    assert main(["convert", "hf-visualbert", str(tmp_path / "hf"), str(tmp_path / "mmptm"),
+                 "--tokenizer", str(vocab), "--context-length", "16"]) == 0
+    assert json.loads(capsys.readouterr().out)["heads_imported"] == ["mlm_head", "itm_head"]
+    model, tokenizer, _ = mmptm.load_pretrained(tmp_path / "mmptm")
+    assert tokenizer.vocab_size == hf_config.vocab_size and tokenizer.context_length == 16
     text = torch.randint(5, hf_config.vocab_size, (2, 9))
-    text[:, 0], text[:, 6], text[1, 7:] = 2, 3, 0
+    text[:, 0], text[:, 6], text[1, 7:] = tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id
     visual = torch.randn(2, 5, hf_config.visual_embedding_dim)
     with torch.no_grad():
         expected = hf(input_ids=text, attention_mask=(text != 0).long(), visual_embeds=visual,
-                      visual_attention_mask=torch.ones(2, 5, dtype=torch.long)).last_hidden_state
-        out = model(text, regions=visual, boxes=torch.zeros(2, 5, 4))
-    actual = torch.cat([out.text, out.visual], dim=1)
+                      visual_attention_mask=torch.ones(2, 5, dtype=torch.long), output_hidden_states=True)
+        out = model(text, regions=visual, boxes=torch.zeros(2, 5, 4), mlm=True)
     real = torch.cat([text != 0, torch.ones(2, 5, dtype=torch.bool)], dim=1)  # padding states are not compared
-    torch.testing.assert_close(actual[real], expected[real], atol=1e-4, rtol=1e-4)
+    actual = torch.cat([out.text, out.visual], dim=1)
+    torch.testing.assert_close(actual[real], expected.hidden_states[-1][real], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.mlm_logits[text != 0], expected.prediction_logits[:, :9][text != 0],
+                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.itm_logits, expected.seq_relationship_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_hf_visualbert_import_errors_name_the_fix(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from mmptm.interop.common import ConversionError
+    from mmptm.interop.visualbert import import_hf_visualbert
+
+    hf_config = transformers.VisualBertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                              intermediate_size=32, visual_embedding_dim=8, vocab_size=30)
+    transformers.VisualBertModel(hf_config).save_pretrained(tmp_path / "hf")
+    with pytest.raises(ConversionError, match="pass --tokenizer with BERT's vocab.txt"):
+        import_hf_visualbert(tmp_path / "hf", tmp_path / "out")
+    with pytest.raises(ConversionError, match="the tokenizer has 40 ids but the checkpoint's word embeddings 30"):
+        import_hf_visualbert(tmp_path / "hf", tmp_path / "out", write_bert_vocab(tmp_path / "vocab.txt", 40))
+    # A bare VisualBertModel: the encoder is imported, the heads keep mmptm's initialisation.
+    _, heads = import_hf_visualbert(tmp_path / "hf", tmp_path / "out", write_bert_vocab(tmp_path / "vocab.txt", 30))
+    assert heads == []
+
+
+@pytest.mark.parametrize("name", ["visualbert_base.yaml", "vilbert_base.yaml"])
+def test_base_configs_build_and_step(tmp_path, demo, monkeypatch, name):
+    # BERT-base fusion layers as configured; a one-layer tower at the demo images' size, and no checkpoint
+    # (gigabytes of weights and optimizer state, tested with the tiny configs) keep the test cheap.
+    from mmptm.training.trainer import Trainer
+
+    monkeypatch.setattr(Trainer, "save", lambda self: None)
+    overrides = [*TINY_RUN, "train.max_steps=2", "data.train.batch_size=2", "data.train.shuffle_buffer=4",
+                 "model.vision.image_size=32", "model.vision.layers=1", "eval.tasks=[]"]
+    config = mmptm.load_config(name, overrides)
+    mmptm.train(config, output_dir=tmp_path)
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "train/loss" in r] == [1, 2]
+    assert {"train/itm/loss", "train/vl_mlm/loss", "train/mrm/loss"} <= set(logged[-1])
+
+
+@pytest.fixture(scope="module")
+def dvae_checkpoints(tmp_path_factory, demo) -> dict[int, str]:
+    """Random tiny dVAEs on 16-pixel images, saved as checkpoints, by token grid side (4, 2, 1)."""
+    from mmptm.data_pipelines.tokenizer import load_tokenizer
+    from mmptm.interop.common import write_checkpoint
+
+    root = tmp_path_factory.mktemp("dvae")
+    tokenizer = load_tokenizer(demo.tokenizer, context_length=8)
+    out = {}
+    for downsamples in (2, 3, 4):
+        config = {"name": "dvae", "image_size": 16, "num_downsamples": downsamples, "hidden": 8, "codebook_size": 8}
+        torch.manual_seed(downsamples)
+        model = mmptm.create_model(config)
+        out[16 // 2**downsamples] = str(write_checkpoint(root / str(downsamples), config, model.state_dict(),
+                                                         tokenizer, source="test"))
+    return out
+
+
+@pytest.mark.parametrize("grid", [4, 2, 1], ids=["dvae finer", "same grid", "patches finer"])
+def test_dvae_targets_are_the_tokens_of_each_patchs_cells(dvae_checkpoints, grid):
+    from mmptm.objectives.mrm import DVAETargets
+
+    torch.manual_seed(0)
+    model = tiny_visualbert(region_classes=8).eval()
+    images = torch.randn(2, 3, 16, 16)
+    targets_of = DVAETargets(dvae_checkpoints[grid])
+    targets, has_target = targets_of(model, images, model.visual_inputs(image=images))
+    assert has_target.tolist() == [False, True, True, True, True]  # the class token covers the whole image
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (model.visual.image_mean, model.visual.image_std))
+    tokens = targets_of.dvae(torch.device("cpu")).encode_tokens((images * std + mean).clamp(0, 1))
+    tokens = tokens.view(2, grid, grid)
+    for patch in range(4):
+        row, col = divmod(patch, 2)
+        if grid >= 2:  # the patch covers a (grid / 2)-sided block of cells
+            side = grid // 2
+            block = tokens[:, row * side:(row + 1) * side, col * side:(col + 1) * side].flatten(1)
+        else:  # the patch lies inside the one cell
+            block = tokens[:, :1, :1].flatten(1)
+        expected = F.one_hot(block, 8).float().mean(dim=1)
+        torch.testing.assert_close(targets[:, 1 + patch], expected)
+
+
+def test_mrm_with_dvae_targets_learns_and_checks_its_inputs(dvae_checkpoints):
+    torch.manual_seed(0)
+    model = tiny_visualbert(region_classes=8)
+    batch = {"text": captions(4), "image": torch.randn(4, 3, 16, 16)}
+    objective = MaskedRegionModelling(mask_prob=0.5, regression_weight=0.0, dvae=dvae_checkpoints[2])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(25):
+        out = objective(model, batch)
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+        losses.append(out["classification_loss"].item())
+    assert sum(losses[-5:]) < 0.7 * sum(losses[:5]), losses
+    with pytest.raises(ValueError, match="the dVAE has 8 tokens but model.region_classes is 5"):
+        MaskedRegionModelling(target="dvae", dvae=dvae_checkpoints[2])(tiny_visualbert(), batch)
+    with pytest.raises(ValueError, match="reads region features"):
+        MaskedRegionModelling(target="dvae", dvae=dvae_checkpoints[2])(tiny_visualbert(vision=None, region_classes=8),
+                                                                      region_batch())
+    three_by_three = tiny_visualbert(region_classes=8, vision={**TINY_VIT, "image_size": 24})
+    with pytest.raises(ValueError, match="3x3 patch grid and the dVAE's 2x2 token grid"):
+        MaskedRegionModelling(dvae=dvae_checkpoints[2])(three_by_three, {**batch, "image": torch.randn(4, 3, 24, 24)})
+    with pytest.raises(ValueError, match="target dvae needs the dvae option"):
+        MaskedRegionModelling(target="dvae")

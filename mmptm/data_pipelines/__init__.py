@@ -1,5 +1,13 @@
 """Data: webdataset streams, shard writers, tokenizers, transforms, language sampling, demo data."""
 
-# Imported for their registrations: the "image_text", "image_folder", "parallel_text", "text" and
-# "region_features" datasets.
-from mmptm.data_pipelines import image_folder, image_text, parallel_text, region_features, text  # noqa: F401
+# Imported for their registrations: the "image_text", "image_folder", "parallel_text", "number_pairs",
+# "text", "region_features" and "image_tokens" datasets.
+from mmptm.data_pipelines import (  # noqa: F401
+    image_folder,
+    image_text,
+    image_tokens,
+    number_pairs,
+    parallel_text,
+    region_features,
+    text,
+)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from mmptm.data_pipelines.context import DataContext
-from mmptm.data_pipelines.image_text import _Collate, _SampleDecoder
+from mmptm.data_pipelines.image_text import CaptionCollate, ImageTextDecoder
 from mmptm.data_pipelines.streams import BadSample, Batch, ShardStream, local_path, resolve_shards, shard_stream
 from mmptm.encoders.visual_inputs import BOXES_KEY, REGION_CLASSES_KEY, REGION_MASK_KEY, REGIONS_KEY
 from mmptm.registry import register_dataset
@@ -53,7 +53,7 @@ def load_array(raw: dict[str, Any], key: str, option: str) -> np.ndarray:
     return array
 
 
-class RegionDecoder(_SampleDecoder):
+class RegionDecoder(ImageTextDecoder):
     """The ``image_text`` decoder with region features, boxes (and class distributions) in place of the image.
 
     Args:
@@ -105,7 +105,7 @@ class RegionDecoder(_SampleDecoder):
         return size
 
 
-class RegionCollate(_Collate):
+class RegionCollate(CaptionCollate):
     """Pads each batch's regions to its largest N (``region_mask`` marks the real ones), then tokenises captions."""
 
     def __call__(self, samples: list[dict[str, Any]], skipped_keys: list[str]) -> Batch:
@@ -179,6 +179,7 @@ def region_features(
     caption_key: str = "txt",
     label_key: str | None = None,
     drop_last: bool | None = None,
+    all_captions: bool = False,
 ) -> ShardStream:
     """Region-feature batches from webdataset shards, for VisualBERT/ViLBERT with ``model.vision: null``.
 
@@ -196,7 +197,8 @@ def region_features(
         boxes_key: extension of the N×4 boxes file.
         class_key: extension of an N×C per-region class distribution (the ``mrm`` KL target); None: none.
         max_regions: regions kept per sample.
-        caption_languages / caption_key / label_key: as ``image_text``.
+        caption_languages / caption_key / label_key / all_captions: as ``image_text`` (with
+            ``all_captions``, ``"captions": [[str]]`` replaces ``"caption"`` and ``"text"``).
 
     Returns:
         A :class:`~mmptm.data_pipelines.streams.ShardStream`.
@@ -213,7 +215,7 @@ def region_features(
     check_shard_files(resolve_shards(shards), required)
     decoder = RegionDecoder(
         feature_key, boxes_key, class_key, max_regions,
-        caption_key=caption_key, caption_languages=caption_languages, label_key=label_key,
+        caption_key=caption_key, caption_languages=caption_languages, label_key=label_key, all_captions=all_captions,
     )
     return shard_stream(
         "region_features",

@@ -34,6 +34,7 @@ from mmptm.data_pipelines.language_sampling import sample_by_language
 
 if TYPE_CHECKING:
     from mmptm.data_pipelines.clip_bpe import ClipBPETokenizer
+    from mmptm.data_pipelines.wordpiece import WordPieceTokenizer
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 # The mask token of masked language modelling (Devlin et al. 2019, sec. 3.1), a user-defined
@@ -45,7 +46,9 @@ MODEL_FILENAME = "tokenizer.model"
 # A CLIP byte-level BPE tokenizer, in the layout of Hugging Face's CLIPTokenizer.
 VOCAB_FILENAME, MERGES_FILENAME = "vocab.json", "merges.txt"
 # Every file a tokenizer's `save` may write into a checkpoint directory.
-TOKENIZER_FILES = (MODEL_FILENAME, VOCAB_FILENAME, MERGES_FILENAME)
+# BERT's WordPiece vocabulary (fusion models imported from Hugging Face), with its casing option.
+WORDPIECE_FILES = ("vocab.txt", "tokenizer_config.json")
+TOKENIZER_FILES = (MODEL_FILENAME, VOCAB_FILENAME, MERGES_FILENAME, *WORDPIECE_FILES)
 # Sentences whose language is unknown (a plain text list, a record without one).
 UNKNOWN_LANGUAGE = "und"
 
@@ -330,7 +333,7 @@ def as_id_list(ids: Sequence[int] | torch.Tensor) -> list[int]:
 
 def load_tokenizer(
     directory_or_file: str | os.PathLike, context_length: int = 77
-) -> SentencePieceTokenizer | ClipBPETokenizer:
+) -> SentencePieceTokenizer | ClipBPETokenizer | WordPieceTokenizer:
     """Open the tokenizer stored in a checkpoint directory or file, whichever kind it is.
 
     Accepted layouts:
@@ -339,7 +342,9 @@ def load_tokenizer(
       (what :meth:`SentencePieceTokenizer.save` writes) -> :class:`SentencePieceTokenizer`;
     - a CLIP byte-level BPE tokenizer: a directory holding ``vocab.json`` and ``merges.txt``
       (Hugging Face's CLIPTokenizer files, what :meth:`ClipBPETokenizer.save` writes), or
-      open_clip's ``.txt.gz`` merges file (``bpe_simple_vocab_16e6.txt.gz``) -> ``ClipBPETokenizer``.
+      open_clip's ``.txt.gz`` merges file (``bpe_simple_vocab_16e6.txt.gz``) -> ``ClipBPETokenizer``;
+    - BERT's WordPiece vocabulary: a ``vocab.txt`` file, or a directory holding one (and optionally
+      Hugging Face's ``tokenizer_config.json`` with ``do_lower_case``) -> ``WordPieceTokenizer``.
 
     Args:
         directory_or_file: the directory or file.
@@ -354,14 +359,19 @@ def load_tokenizer(
     """
     # clip_bpe builds on this module's helpers, so it is imported only when needed.
     from mmptm.data_pipelines.clip_bpe import ClipBPETokenizer
+    from mmptm.data_pipelines.wordpiece import WordPieceTokenizer
 
     path = Path(directory_or_file)
+    wordpiece_vocab = WORDPIECE_FILES[0]
     layouts = (
         f"a '.model' sentencepiece file, a directory with '{MODEL_FILENAME}', a directory with "
-        f"'{VOCAB_FILENAME}' and '{MERGES_FILENAME}', or an open_clip '.txt.gz' merges file"
+        f"'{VOCAB_FILENAME}' and '{MERGES_FILENAME}', an open_clip '.txt.gz' merges file, or a BERT "
+        f"'{wordpiece_vocab}' (or a directory with one)"
     )
     if path.is_file() and path.suffix == ".model":
         return SentencePieceTokenizer(path, context_length)
+    if path.is_file() and path.name == wordpiece_vocab:
+        return WordPieceTokenizer(path, context_length)
     if path.is_file() and path.name.endswith(".txt.gz"):
         return ClipBPETokenizer.from_open_clip_merges(path, context_length)
     if not path.is_dir():
@@ -380,6 +390,8 @@ def load_tokenizer(
     if clip_files:
         missing = MERGES_FILENAME if clip_files == [VOCAB_FILENAME] else VOCAB_FILENAME
         raise FileNotFoundError(f"tokenizer directory '{path}' has '{clip_files[0]}' but no '{missing}'")
+    if (path / wordpiece_vocab).is_file():
+        return WordPieceTokenizer(path / wordpiece_vocab, context_length)
     raise FileNotFoundError(f"no tokenizer in directory '{path}'; expected {layouts}")
 
 

@@ -14,6 +14,8 @@ implements :meth:`FusionModel.fuse`. The objectives (``itm``, ``vl_mlm``,
 
 from __future__ import annotations
 
+import inspect
+import typing
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -22,7 +24,7 @@ from torch import nn
 
 from mmptm.encoders.bert import BERT_LAYER_NORM_EPS, BertEmbeddings, MaskedLMHead, RegionHead
 from mmptm.encoders.visual_inputs import BOXES_KEY, REGION_MASK_KEY, REGIONS_KEY, VisualInputs
-from mmptm.registry import ENCODERS, build
+from mmptm.registry import ENCODERS, EncoderSpec, build
 from mmptm.training.distributed import unwrap_model
 
 # Column of the two-way matching logits that means "the text describes the image" (BERT's
@@ -61,36 +63,67 @@ class FusionOutput(NamedTuple):
 class FusionModel(nn.Module):
     """Base of the fusion models: visual inputs, text embeddings, heads and the forward pass.
 
+    The keyword-only options below are the config options every fusion model shares: a subclass
+    whose ``__init__`` ends in ``**options`` passes them on unchanged, and its config options (the
+    signature the config loader and ``mmptm list`` read) are its own parameters followed by these,
+    see :meth:`__init_subclass__`. A subclass that declares one of them itself (to change its default
+    or to use it) passes it on explicitly.
+
     Args:
         text_width: width of the text stream.
         visual_width: width of the visual stream (the text width for a single-stream model).
+        max_text_length: text positions.
+        dropout: dropout probability.
         vision: the image tower's config section (``vit``, ``timm``, or any encoder with
-            ``forward_tokens``), built with ``embed_dim=visual_dim``; None: read precomputed region
-            features from the batch (``regions``, ``boxes``, ``region_mask``).
+            ``forward_tokens``), built with ``embed_dim=visual_dim``; None (``null``): read precomputed
+            region features from the batch (``regions``, ``boxes``, ``region_mask``; the
+            ``region_features`` dataset).
         freeze_vision: keep the tower's weights fixed (no gradients, eval mode).
         visual_dim: feature size of a visual token: the tower's output or the regions' D.
         region_classes: classes of the masked-region classification head (k-means codes, dVAE
             tokens or detector classes, see the ``mrm`` objective).
-        max_text_length: text positions.
-        dropout: dropout probability.
         vocab_size / pad_id / eot_id / bos_id / mask_id: filled in from the tokenizer.
     """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """List the shared keyword-only options in the signature of a subclass ``__init__(..., **options)``.
+
+        Configs are validated against a component's signature and type hints (:mod:`mmptm.config`), so
+        the options a subclass forwards with ``**options`` are added to its ``__init__``'s
+        ``__signature__`` and annotations instead of being repeated in every model.
+        """
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        own = inspect.signature(init) if init is not None else None
+        if own is None or not any(p.kind is p.VAR_KEYWORD for p in own.parameters.values()):
+            return
+        params = [p for p in own.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        declared = {p.name for p in params}
+        shared = [
+            p for p in inspect.signature(FusionModel.__init__).parameters.values()
+            if p.kind is p.KEYWORD_ONLY and p.name not in declared
+        ]
+        hints = typing.get_type_hints(FusionModel.__init__, include_extras=True)
+        init.__signature__ = own.replace(parameters=[*params, *shared])
+        init.__annotations__ = {**{p.name: hints[p.name] for p in shared}, **init.__annotations__}
 
     def __init__(
         self,
         text_width: int,
         visual_width: int,
-        vision: dict[str, Any] | None,
-        freeze_vision: bool,
-        visual_dim: int,
-        region_classes: int,
         max_text_length: int,
         dropout: float,
-        vocab_size: int | None,
-        pad_id: int,
-        eot_id: int | None,
-        bos_id: int | None,
-        mask_id: int | None,
+        *,
+        # Read-only default (copied before use); the config loader validates it as an encoder section.
+        vision: EncoderSpec | None = {"name": "vit"},  # noqa: B006
+        freeze_vision: bool = False,
+        visual_dim: int = 768,
+        region_classes: int = 256,
+        vocab_size: int | None = None,
+        pad_id: int = 0,
+        eot_id: int | None = None,
+        bos_id: int | None = None,
+        mask_id: int | None = None,
     ) -> None:
         super().__init__()
         if vocab_size is None:

@@ -17,13 +17,15 @@ outputs (sec. 3.2, "multimodal alignment prediction").
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from mmptm.encoders.bert import BertAttention, BertFeedForward, BertLayer, BertPooler, run_layer
 from mmptm.encoders.fusion import FusionModel
 from mmptm.encoders.visual_inputs import BoxEmbedding, VisualInputs, grid_boxes
-from mmptm.registry import EncoderSpec, register_model
+from mmptm.registry import register_model
 
 
 class CoAttentionLayer(nn.Module):
@@ -86,12 +88,9 @@ class ViLBert(FusionModel):
         dropout: dropout probability.
         init_std: standard deviation of the initial weights (BERT: 0.02), see :meth:`FusionModel.init_weights`.
         max_text_length: text positions.
-        vision: the image tower's config section (``vit`` or ``timm``; its ``embed_dim`` is
-            ``visual_dim``); ``null``: read precomputed region features from ``region_features`` shards.
-        freeze_vision: keep the tower's weights fixed.
         visual_dim: feature size of a visual token (the tower's output, or the regions' D; the paper: 2048).
-        region_classes: classes of the masked-region classification head (the ``mrm`` objective).
-        vocab_size / pad_id / eot_id / bos_id / mask_id: filled in from the tokenizer.
+        options: the options every fusion model takes (``vision``, ``freeze_vision``, ``region_classes``
+            and the tokenizer's ids), see :class:`~mmptm.encoders.fusion.FusionModel`.
     """
 
     def __init__(
@@ -111,21 +110,10 @@ class ViLBert(FusionModel):
         dropout: float = 0.1,
         max_text_length: int = 512,
         init_std: float = 0.02,
-        # Read-only default (copied before use); the config loader validates it as an encoder section.
-        vision: EncoderSpec | None = {"name": "vit"},  # noqa: B006
-        freeze_vision: bool = False,
         visual_dim: int = 2048,
-        region_classes: int = 256,
-        vocab_size: int | None = None,
-        pad_id: int = 0,
-        eot_id: int | None = None,
-        bos_id: int | None = None,
-        mask_id: int | None = None,
+        **options: Any,
     ) -> None:
-        super().__init__(
-            text_width, visual_width, vision, freeze_vision, visual_dim, region_classes, max_text_length, dropout,
-            vocab_size, pad_id, eot_id, bos_id, mask_id,
-        )
+        super().__init__(text_width, visual_width, max_text_length, dropout, visual_dim=visual_dim, **options)
         if len(text_coattention_ids) != len(visual_coattention_ids) or not text_coattention_ids:
             raise ValueError(
                 "model.text_coattention_ids and model.visual_coattention_ids must be non-empty and of the same "
@@ -136,7 +124,7 @@ class ViLBert(FusionModel):
         self.text_coattention_ids = list(text_coattention_ids)
         self.visual_coattention_ids = list(visual_coattention_ids)
         text_hidden, visual_hidden = int(text_width * mlp_ratio), int(visual_width * visual_mlp_ratio)
-        self.image_embeddings = nn.Linear(visual_dim, visual_width)
+        self.image_embeddings = nn.Linear(self.visual_dim, visual_width)
         self.box_embedding = BoxEmbedding(visual_width)
         self.visual_norm = nn.LayerNorm(visual_width, eps=self.embeddings.norm.eps)
         self.text_layers = nn.ModuleList(

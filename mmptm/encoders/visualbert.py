@@ -13,13 +13,15 @@ so that patch, grid and region tokens know where they are.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from mmptm.encoders.bert import BertLayer, BertPooler, run_layer
 from mmptm.encoders.fusion import FusionModel
 from mmptm.encoders.visual_inputs import BoxEmbedding, VisualInputs
-from mmptm.registry import EncoderSpec, register_model
+from mmptm.registry import register_model
 
 # Segment ids: text is sentence A, the visual tokens are segment 1 (Li et al. 2019, sec. 3.1).
 TEXT_SEGMENT, VISUAL_SEGMENT = 0, 1
@@ -37,13 +39,9 @@ class VisualBert(FusionModel):
         dropout: dropout probability (BERT: 0.1).
         init_std: standard deviation of the initial weights (BERT: 0.02), see :meth:`FusionModel.init_weights`.
         max_text_length: text positions (BERT: 512).
-        vision: the image tower's config section (``vit`` or ``timm``; its ``embed_dim`` is
-            ``visual_dim``); ``null``: read precomputed region features from ``region_features`` shards.
-        freeze_vision: keep the tower's weights fixed.
-        visual_dim: feature size of a visual token (the tower's output, or the regions' D).
         box_positions: add the box-location embedding to the visual tokens.
-        region_classes: classes of the masked-region classification head (the ``mrm`` objective).
-        vocab_size / pad_id / eot_id / bos_id / mask_id: filled in from the tokenizer.
+        options: the options every fusion model takes (``vision``, ``freeze_vision``, ``visual_dim``,
+            ``region_classes`` and the tokenizer's ids), see :class:`~mmptm.encoders.fusion.FusionModel`.
     """
 
     def __init__(
@@ -54,26 +52,14 @@ class VisualBert(FusionModel):
         mlp_ratio: float = 4.0,
         dropout: float = 0.1,
         max_text_length: int = 512,
-        # Read-only default (copied before use); the config loader validates it as an encoder section.
-        vision: EncoderSpec | None = {"name": "vit"},  # noqa: B006
-        freeze_vision: bool = False,
-        visual_dim: int = 768,
         box_positions: bool = True,
         init_std: float = 0.02,
-        region_classes: int = 256,
-        vocab_size: int | None = None,
-        pad_id: int = 0,
-        eot_id: int | None = None,
-        bos_id: int | None = None,
-        mask_id: int | None = None,
+        **options: Any,
     ) -> None:
-        super().__init__(
-            width, width, vision, freeze_vision, visual_dim, region_classes, max_text_length, dropout,
-            vocab_size, pad_id, eot_id, bos_id, mask_id,
-        )
+        super().__init__(width, width, max_text_length, dropout, **options)
         if layers < 1:
             raise ValueError(f"'layers' must be at least 1, got {layers}")
-        self.visual_projection = nn.Linear(visual_dim, width)
+        self.visual_projection = nn.Linear(self.visual_dim, width)
         self.visual_token_type_embeddings = nn.Embedding(2, width)
         self.visual_position_embeddings = nn.Embedding(max_text_length, width)
         self.box_embedding = BoxEmbedding(width) if box_positions else None

@@ -7,6 +7,9 @@ periodic evaluation call the same functions, so their numbers agree.
 """
 
 from mmptm.evaluation.common import EvalContext, EvaluationError, precision_autocast
+from mmptm.evaluation.denoising import denoise
+from mmptm.evaluation.generation import clip_generation_accuracy, gen_clip
+from mmptm.evaluation.image_tokens import dvae_reconstruction
 from mmptm.evaluation.inputs import (
     classification_stream,
     load_classnames,
@@ -15,7 +18,7 @@ from mmptm.evaluation.inputs import (
     parallel_stream,
     retrieval_stream,
 )
-from mmptm.evaluation.itm import itm_retrieval
+from mmptm.evaluation.itm import dual_encoder_candidates, fusion_stream, itm_image_text_retrieval, itm_retrieval
 from mmptm.evaluation.multilingual import mlm_accuracy, xlret, xltransfer
 from mmptm.evaluation.retrieval import crosslingual_retrieval, zeroshot_retrieval
 from mmptm.evaluation.zeroshot import prompt_languages, zeroshot_classification
@@ -24,7 +27,14 @@ __all__ = [
     "EvalContext",
     "EvaluationError",
     "classification_stream",
+    "clip_generation_accuracy",
     "crosslingual_retrieval",
+    "denoise",
+    "dual_encoder_candidates",
+    "dvae_reconstruction",
+    "fusion_stream",
+    "gen_clip",
+    "itm_image_text_retrieval",
     "itm_retrieval",
     "load_classnames",
     "load_prompt_file",

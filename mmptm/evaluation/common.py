@@ -67,7 +67,15 @@ def precision_autocast(precision: str, device: torch.device | str) -> Autocast |
     return functools.partial(torch.autocast, device_type=torch.device(device).type, dtype=_AUTOCAST_DTYPES[precision])
 
 
-def _autocast_context(autocast: Autocast | None) -> AbstractContextManager[Any]:
+def autocast_context(autocast: Autocast | None) -> AbstractContextManager[Any]:
+    """A new context of an evaluation's autocast factory (``EvalContext.autocast``, :func:`precision_autocast`).
+
+    Args:
+        autocast: the factory, or None for fp32.
+
+    Returns:
+        The factory's ``torch.autocast`` context, or a no-op context for None.
+    """
     return autocast() if autocast is not None else contextlib.nullcontext()
 
 
@@ -110,7 +118,7 @@ def encode_images(
     model: nn.Module, images: torch.Tensor, device: torch.device | str, autocast: Autocast | None = None
 ) -> torch.Tensor:
     """L2-normalised float32 image embeddings ``[B, D]``."""
-    with _autocast_context(autocast):
+    with autocast_context(autocast):
         features = model.encode_image(images.to(device))
     return F.normalize(features.float(), dim=-1)
 
@@ -124,6 +132,6 @@ def encode_texts(
 ) -> torch.Tensor:
     """L2-normalised float32 text embeddings ``[len(texts), D]``, tokenised and encoded as one batch."""
     tokens = tokenizer(list(texts)).to(device)
-    with _autocast_context(autocast):
+    with autocast_context(autocast):
         features = model.encode_text(tokens)
     return F.normalize(features.float(), dim=-1)

@@ -26,7 +26,7 @@ from torch import nn
 
 from mmptm.data_pipelines.parallel_text import parallel_text
 from mmptm.data_pipelines.text import NO_LABEL, text
-from mmptm.evaluation.common import CountingStream, EvalContext, EvaluationError, _autocast_context, evaluating
+from mmptm.evaluation.common import CountingStream, EvalContext, EvaluationError, autocast_context, evaluating
 from mmptm.evaluation.retrieval import crosslingual_retrieval
 from mmptm.objectives.masking import IGNORE_INDEX
 from mmptm.objectives.mlm import mask_tokens
@@ -38,7 +38,7 @@ def sentence_embeddings(
 ) -> torch.Tensor:
     """L2-normalised float32 mean-pooled states ``[B, D]`` of ``tokens`` in ``languages`` (one code per row)."""
     tokens = tokens.to(context.device)
-    with _autocast_context(context.autocast):
+    with autocast_context(context.autocast):
         features = model.encode_text(tokens, languages=model.language_ids(languages, tokens.device), layer=layer)
     return F.normalize(features.float(), dim=-1)
 
@@ -182,7 +182,7 @@ def mlm_accuracy(
         for batch in stream:
             inputs, targets = mask_tokens(model, batch["tokens"], mask_prob, generator=generator)
             inputs, targets = inputs.to(context.device), targets.to(context.device)
-            with _autocast_context(context.autocast):
+            with autocast_context(context.autocast):
                 hidden = model(inputs, languages=model.language_ids(batch["lang"], inputs.device))
                 predictions = model.mlm_logits(hidden).argmax(dim=-1)
             hits = ((predictions == targets) & (targets != IGNORE_INDEX)).sum(dim=1).tolist()

@@ -16,7 +16,7 @@ similarity of ``encode_text`` embeddings; accuracy@1 in both directions.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -72,10 +72,90 @@ def retrieval_metrics(
     """
     text_to_image = recall_at_k(text_features, image_features, lambda rows, top: top == text_image[rows, None], ks)
     image_to_text = recall_at_k(image_features, text_features, lambda rows, top: text_image[top] == rows[:, None], ks)
+    return _named_recalls(text_to_image, image_to_text, ks)
+
+
+def ranking_metrics(
+    image_to_text: torch.Tensor, text_to_image: torch.Tensor, text_image: torch.Tensor, ks: Sequence[int] = RECALL_K
+) -> dict[str, float]:
+    """:func:`retrieval_metrics` from rankings already made (by a matching head rather than embeddings).
+
+    Args:
+        image_to_text: ``[I, M]`` each image's best captions, best first (M at least ``min(max(ks), T)``).
+        text_to_image: ``[T, M']`` each caption's best images, best first.
+        text_image: ``[T]`` the index of each caption's image.
+        ks: the k's.
+
+    Returns:
+        The same keys as :func:`retrieval_metrics`.
+    """
+    images = torch.arange(len(image_to_text), device=image_to_text.device)
+    i2t_correct = text_image[image_to_text] == images[:, None]
+    t2i_correct = text_to_image == text_image[:, None]
+    # Counts divided in Python, as recall_at_k does, so equal rankings give equal numbers.
+    text_to_image_recall = {k: int(t2i_correct[:, :k].any(dim=-1).sum()) / len(t2i_correct) for k in ks}
+    image_to_text_recall = {k: int(i2t_correct[:, :k].any(dim=-1).sum()) / len(i2t_correct) for k in ks}
+    return _named_recalls(text_to_image_recall, image_to_text_recall, ks)
+
+
+def _named_recalls(
+    text_to_image: dict[int, float], image_to_text: dict[int, float], ks: Sequence[int]
+) -> dict[str, float]:
     return {
         **{f"image_retrieval_recall@{k}": text_to_image[k] for k in ks},
         **{f"text_retrieval_recall@{k}": image_to_text[k] for k in ks},
     }
+
+
+class RetrievalSet(NamedTuple):
+    """A dual encoder's normalised embeddings of an image-text set.
+
+    Attributes:
+        image_features: ``[I, D]`` image embeddings.
+        text_features: ``[T, D]`` caption embeddings, image by image.
+        captions: every image's captions (``T`` in all).
+        skipped: samples the stream skipped.
+    """
+
+    image_features: torch.Tensor
+    text_features: torch.Tensor
+    captions: list[list[str]]
+    skipped: int
+
+    def text_image(self) -> torch.Tensor:
+        """``[T]`` the index of each caption's image."""
+        return caption_images(self.captions, self.image_features.device)
+
+
+def caption_images(captions: Sequence[Sequence[str]], device: torch.device | str = "cpu") -> torch.Tensor:
+    """``[T]`` the image index of each caption of a per-image caption list, flattened image by image."""
+    return torch.tensor([i for i, texts in enumerate(captions) for _ in texts], dtype=torch.long, device=device)
+
+
+def encode_retrieval_set(
+    model: nn.Module,
+    tokenizer: Any,
+    batches: Iterable[Mapping[str, Any]],
+    *,
+    device: torch.device | str = "cpu",
+    autocast: Autocast | None = None,
+) -> RetrievalSet:
+    """Encode every image and caption of an ``image_text`` stream with ``all_captions=True``.
+
+    Raises:
+        EvaluationError: the stream has no images.
+    """
+    stream = CountingStream(batches)
+    image_features, text_features, captions = [], [], []
+    with evaluating(model):
+        for batch in stream:
+            flat = [caption for texts in batch["captions"] for caption in texts]
+            image_features.append(encode_images(model, batch["image"], device, autocast))
+            text_features.append(encode_texts(model, tokenizer, flat, device, autocast))
+            captions += [list(texts) for texts in batch["captions"]]
+    if not image_features:
+        raise stream.no_samples_error("images")
+    return RetrievalSet(torch.cat(image_features), torch.cat(text_features), captions, stream.skipped)
 
 
 def zeroshot_retrieval(
@@ -105,23 +185,14 @@ def zeroshot_retrieval(
     Raises:
         EvaluationError: the stream has no images.
     """
-    stream = CountingStream(batches)
-    image_features, text_features, text_image = [], [], []
-    num_images = 0
-    with evaluating(model):
-        for batch in stream:
-            captions = batch["captions"]
-            flat = [caption for texts in captions for caption in texts]
-            image_features.append(encode_images(model, batch["image"], device, autocast))
-            text_features.append(encode_texts(model, tokenizer, flat, device, autocast))
-            text_image += [num_images + i for i, texts in enumerate(captions) for _ in texts]
-            num_images += len(captions)
-    if not image_features:
-        raise stream.no_samples_error("images")
-    metrics = retrieval_metrics(
-        torch.cat(image_features), torch.cat(text_features), torch.tensor(text_image, device=device), recall_k
-    )
-    return {**metrics, "num_images": num_images, "num_texts": len(text_image), "skipped_samples": stream.skipped}
+    encoded = encode_retrieval_set(model, tokenizer, batches, device=device, autocast=autocast)
+    metrics = retrieval_metrics(encoded.image_features, encoded.text_features, encoded.text_image(), recall_k)
+    return {
+        **metrics,
+        "num_images": len(encoded.captions),
+        "num_texts": len(encoded.text_features),
+        "skipped_samples": encoded.skipped,
+    }
 
 
 def crosslingual_retrieval(

@@ -7,15 +7,17 @@ import json
 
 
 def add_convert_parser(sub: argparse._SubParsersAction) -> None:
-    """Register ``mmptm convert {open_clip,hf,to-hf}``."""
+    """Register ``mmptm convert {open_clip,hf,hf-visualbert,to-hf}``."""
     p = sub.add_parser(
         "convert",
-        help="import OpenCLIP / Hugging Face CLIP checkpoints; export to Hugging Face",
+        help="import OpenCLIP / Hugging Face CLIP and VisualBERT checkpoints; export CLIP to Hugging Face",
         description="Convert checkpoints into mmptm checkpoint folders (config.yaml + model.safetensors + "
         "the original tokenizer files), usable by load_pretrained, `mmptm zeroshot` and train.init_from; "
         "or export an mmptm CLIP as a Hugging Face CLIPModel folder.",
     )
-    convert_sub = p.add_subparsers(dest="convert_command", required=True, metavar="{open_clip,hf,to-hf}")
+    convert_sub = p.add_subparsers(
+        dest="convert_command", required=True, metavar="{open_clip,hf,hf-visualbert,to-hf}"
+    )
     oc = convert_sub.add_parser(
         "open_clip",
         help="an OpenCLIP or OpenAI CLIP weights file (.pt/.bin/.safetensors, TorchScript archive)",
@@ -39,6 +41,20 @@ def add_convert_parser(sub: argparse._SubParsersAction) -> None:
     hf.add_argument("output_dir", help="checkpoint folder to create")
     hf.set_defaults(func=_convert_hf)
 
+    vb = convert_sub.add_parser(
+        "hf-visualbert",
+        help="a Hugging Face VisualBertModel / VisualBertForPreTraining folder",
+        description="Import VisualBERT (Li et al. 2019) weights, with the pretraining heads when present "
+        "(cls.predictions -> the masked-LM head, cls.seq_relationship -> the image-text matching head), as a "
+        "visualbert checkpoint that reads region features (vision: null).",
+    )
+    vb.add_argument("model_dir", help="folder written by save_pretrained (config.json + model.safetensors/.bin)")
+    vb.add_argument("output_dir", help="checkpoint folder to create")
+    vb.add_argument("--tokenizer", help="BERT's vocab.txt or a folder with it (default: the model folder's); the "
+                    "released checkpoints use bert-base-uncased's")
+    vb.add_argument("--context-length", type=int, default=128, help="text positions per row, [CLS] and [SEP] included")
+    vb.set_defaults(func=_convert_hf_visualbert)
+
     to_hf = convert_sub.add_parser("to-hf", help="export an mmptm CLIP as a Hugging Face CLIPModel folder")
     to_hf.add_argument("checkpoint", help="mmptm checkpoint or run folder")
     to_hf.add_argument("output_dir", help="folder to create")
@@ -61,6 +77,13 @@ def _convert_hf(args: argparse.Namespace) -> int:
     from mmptm.interop.hf import import_hf_clip
 
     return _report(import_hf_clip(args.model_dir, args.output_dir), source=args.model_dir)
+
+
+def _convert_hf_visualbert(args: argparse.Namespace) -> int:
+    from mmptm.interop.visualbert import import_hf_visualbert
+
+    out, heads = import_hf_visualbert(args.model_dir, args.output_dir, args.tokenizer, args.context_length)
+    return _report(out, source=args.model_dir, heads_imported=heads)
 
 
 def _convert_to_hf(args: argparse.Namespace) -> int:

@@ -8,12 +8,14 @@ caption and the other tokens, predicts for each masked token
 (a) its input feature (regression, UNITER's MRFR: mean squared error), and
 (b) a class target (UNITER's MRC): the detector's class distribution (KL, the
     ViLBERT/UNITER target) when the shards carry one (``region_classes``, see the
-    ``region_features`` dataset); otherwise the code of the token's feature in a
-    k-means codebook of the visual features, learnt online as training goes
-    (spherical mini-batch k-means with EMA centroid updates, Sculley 2010,
-    "Web-Scale K-Means Clustering"), so that patch features of an image tower
-    get discrete targets without a detector. (The discrete tokens of a dVAE are
-    the third option of the design; mmptm has no dVAE yet.)
+    ``region_features`` dataset); otherwise, when a dVAE checkpoint is configured,
+    the discrete visual tokens a frozen dVAE (Ramesh et al. 2021, sec. 2.1) gives
+    the token's image cell, as BEiT (Bao et al. 2022, "BEiT: BERT Pre-Training of
+    Image Transformers", sec. 2.2) predicts them for masked patches; otherwise
+    the code of the token's feature in a k-means codebook of the visual features,
+    learnt online as training goes (spherical mini-batch k-means with EMA
+    centroid updates, Sculley 2010, "Web-Scale K-Means Clustering"), so that
+    patch features of an image tower get discrete targets without a detector.
 
 With a trainable image tower the regression target moves with the tower; the
 targets are detached, and the other objectives keep the features informative.
@@ -27,8 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmptm.data_pipelines.context import model_data_context
 from mmptm.encoders.fusion import FusionModel, fusion_model, visual_batch
-from mmptm.encoders.visual_inputs import REGION_CLASSES_KEY
+from mmptm.encoders.visual_inputs import REGION_CLASSES_KEY, VisualInputs, grid_boxes
 from mmptm.registry import register_objective
 from mmptm.training.distributed import all_reduce_mean
 
@@ -91,6 +94,86 @@ class OnlineKMeans(nn.Module):
         return codes
 
 
+class DVAETargets:
+    """The tokens of a frozen dVAE as class targets of visual tokens, one distribution per token's cell.
+
+    The dVAE (any model with ``encode_tokens(images in [0, 1]) -> [B, grid**2]``, ``grid_size``,
+    ``codebook_size`` and ``image_size``, e.g. ``dvae`` or ``vqvae``) tokenises the batch's images,
+    un-normalised with the fusion tower's mean and std and resized to the dVAE's input size. A visual
+    token's target is the distribution of the dVAE tokens over its box (area-weighted): the token of
+    its cell when the two grids match, the histogram of the dVAE cells it covers when the dVAE grid is
+    finer (pooled to the patch grid), the token of the cell containing it when the patch grid is finer.
+    Tokens covering the whole image (a ViT's class token) get no target.
+
+    The dVAE is held outside the objective's modules: it is frozen, and neither trained nor saved
+    with the run (the objective keeps its path).
+
+    Args:
+        checkpoint: the dVAE's mmptm checkpoint (or run) folder.
+    """
+
+    def __init__(self, checkpoint: str) -> None:
+        self.checkpoint = checkpoint
+        self._dvae: nn.Module | None = None
+
+    def dvae(self, device: torch.device) -> nn.Module:
+        """The frozen dVAE on ``device`` (loaded on first use)."""
+        if self._dvae is None:
+            from mmptm.models import load_pretrained
+
+            dvae = load_pretrained(self.checkpoint).model
+            missing = [a for a in ("encode_tokens", "grid_size", "codebook_size", "image_size") if not hasattr(dvae, a)]
+            if missing:
+                raise ValueError(
+                    f"objective mrm: dvae checkpoint '{self.checkpoint}' holds a {type(dvae).__name__}, which has no "
+                    f"{missing}: name a dvae or vqvae checkpoint"
+                )
+            self._dvae = dvae.requires_grad_(False).eval()
+        return self._dvae.to(device)
+
+    @torch.no_grad()
+    def __call__(
+        self, model: FusionModel, images: torch.Tensor, inputs: VisualInputs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(targets [B, N, codebook_size], has_target [N])`` for the visual tokens of ``images``.
+
+        Raises:
+            ValueError: the codebook size is not ``model.region_classes``, or the tower's patch grid and
+                the dVAE's grid are not multiples of one another.
+        """
+        dvae = self.dvae(images.device)
+        if dvae.codebook_size != model.region_classes:
+            raise ValueError(
+                f"objective mrm: the dVAE has {dvae.codebook_size} tokens but model.region_classes is "
+                f"{model.region_classes}: set model.region_classes={dvae.codebook_size}"
+            )
+        boxes = inputs.boxes[0].float()  # a tower gives every image the same boxes
+        sides = boxes[:, 2:] - boxes[:, :2]
+        has_target = (sides < 1).any(dim=-1)
+        patch_grid = round(1 / sides[has_target].max().item()) if has_target.any() else 0
+        grid = dvae.grid_size
+        if patch_grid == 0 or (patch_grid % grid and grid % patch_grid):
+            raise ValueError(
+                f"objective mrm: the image tower's {patch_grid}x{patch_grid} patch grid and the dVAE's {grid}x{grid} "
+                "token grid must match or one be a multiple of the other (to pool one onto the other): change "
+                "model.vision's image_size/patch_size or the dVAE"
+            )
+        normalisation = model_data_context(model)  # the mean and std the stream normalised the images with
+        mean = torch.tensor(normalisation.image_mean, device=images.device).view(1, 3, 1, 1)
+        std = torch.tensor(normalisation.image_std, device=images.device).view(1, 3, 1, 1)
+        pixels = (images.float() * std + mean).clamp(0, 1)
+        if pixels.shape[-1] != dvae.image_size or pixels.shape[-2] != dvae.image_size:
+            pixels = F.interpolate(pixels, size=(dvae.image_size, dvae.image_size), mode="bilinear",
+                                   align_corners=False).clamp(0, 1)
+        tokens = dvae.encode_tokens(pixels)
+        cells = grid_boxes(grid, grid, device=boxes.device)
+        corner_min = torch.maximum(boxes[:, None, :2], cells[None, :, :2])
+        corner_max = torch.minimum(boxes[:, None, 2:], cells[None, :, 2:])
+        overlap = (corner_max - corner_min).clamp(min=0).prod(dim=-1)  # [N, grid**2] areas
+        weights = overlap / overlap.sum(dim=1, keepdim=True).clamp(min=1e-12)
+        return weights @ F.one_hot(tokens, dvae.codebook_size).float(), has_target
+
+
 @register_objective("mrm")
 class MaskedRegionModelling(nn.Module):
     """Masked region modelling: regress and classify masked visual tokens (Lu et al. 2019; Chen et al. 2020).
@@ -103,9 +186,12 @@ class MaskedRegionModelling(nn.Module):
         regression_weight: weight of the feature regression loss.
         classification_weight: weight of the region classification loss.
         target: the classification target: ``detector`` (KL to the batch's class distribution),
+            ``dvae`` (cross-entropy to the tokens of the ``dvae`` checkpoint, see :class:`DVAETargets`),
             ``kmeans`` (codes of an online k-means codebook with ``model.region_classes`` codes), or
-            ``auto`` (detector when the batch has one, else k-means).
+            ``auto`` (detector when the batch has one, else dvae when ``dvae`` is set, else k-means).
         kmeans_momentum: EMA momentum of the k-means centroids.
+        dvae: a frozen dVAE's checkpoint folder for the ``dvae`` target (a model that encodes pixels;
+            ``model.region_classes`` = its codebook size).
     """
 
     def __init__(
@@ -113,8 +199,9 @@ class MaskedRegionModelling(nn.Module):
         mask_prob: float = 0.15,
         regression_weight: float = 1.0,
         classification_weight: float = 1.0,
-        target: Literal["auto", "detector", "kmeans"] = "auto",
+        target: Literal["auto", "detector", "dvae", "kmeans"] = "auto",
         kmeans_momentum: float = 0.99,
+        dvae: str | None = None,
     ) -> None:
         super().__init__()
         if not 0 < mask_prob <= 1:
@@ -125,12 +212,15 @@ class MaskedRegionModelling(nn.Module):
         self.target = target
         self.kmeans_momentum = kmeans_momentum
         self.kmeans: OnlineKMeans | None = None
+        if target == "dvae" and dvae is None:
+            raise ValueError("mrm: target dvae needs the dvae option (a dVAE checkpoint folder)")
+        self.dvae_targets = DVAETargets(dvae) if dvae is not None else None
 
     def _classification_loss(
-        self, model: FusionModel, logits: torch.Tensor, features: torch.Tensor, batch: dict[str, Any],
+        self, model: FusionModel, logits: torch.Tensor, inputs: VisualInputs, batch: dict[str, Any],
         masked: torch.Tensor,
     ) -> torch.Tensor:
-        """KL to the detector's distribution, or cross-entropy to the k-means code, at the masked tokens."""
+        """KL to the detector's distribution, or cross-entropy to the dVAE tokens or k-means code, at masked tokens."""
         detector = batch.get(REGION_CLASSES_KEY)
         if self.target == "detector" and detector is None:
             raise KeyError(
@@ -138,16 +228,27 @@ class MaskedRegionModelling(nn.Module):
                 "region_features dataset's class_key (the shards' per-region class distribution file), or use "
                 "target: kmeans"
             )
-        if detector is not None and self.target != "kmeans":
+        if detector is not None and self.target in ("auto", "detector"):
             if detector.shape[-1] != model.region_classes:
                 raise ValueError(
                     f"the shards' region class distributions have {detector.shape[-1]} classes but "
                     f"model.region_classes is {model.region_classes}"
                 )
             return F.kl_div(F.log_softmax(logits.float(), dim=-1), detector[masked].float(), reduction="batchmean")
+        if self.dvae_targets is not None and self.target in ("auto", "dvae"):
+            if model.reads_regions:
+                raise ValueError(
+                    "objective mrm: the dvae target tokenises the images, but the model reads region features "
+                    "(model.vision is null): set model.vision, or use target: kmeans"
+                )
+            targets, has_target = self.dvae_targets(model, batch["image"], inputs)
+            scored = has_target.expand_as(masked)[masked]
+            log_probs = F.log_softmax(logits[scored].float(), dim=-1)
+            # Masked whole-image tokens have no target; the sum keeps the head in the graph even then.
+            return -(targets[masked][scored] * log_probs).sum(dim=-1).mean() if scored.any() else logits.sum() * 0.0
         if self.kmeans is None:
             self.kmeans = OnlineKMeans(model.region_classes, self.kmeans_momentum)
-        codes = self.kmeans.assign_and_update(features, training=self.training)
+        codes = self.kmeans.assign_and_update(inputs.features[masked].detach(), training=self.training)
         return F.cross_entropy(logits.float(), codes)
 
     def forward(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -163,6 +264,6 @@ class MaskedRegionModelling(nn.Module):
         states = out.visual[masked]
         targets = inputs.features[masked].detach().float()
         regression = F.mse_loss(inner.region_regression(states).float(), targets)
-        classification = self._classification_loss(inner, inner.region_classifier(states), targets, batch, masked)
+        classification = self._classification_loss(inner, inner.region_classifier(states), inputs, batch, masked)
         loss = self.regression_weight * regression + self.classification_weight * classification
         return {"loss": loss, "regression_loss": regression.detach(), "classification_loss": classification.detach()}
