@@ -346,6 +346,17 @@ def test_dalle_configs_train_a_step_with_a_dvae(checkpoints, tmp_path):
         assert {"train/dalle/text_loss", "train/dalle/image_loss"} <= set(records[-1])
         model = mmptm.load_pretrained(tmp_path / name).model
         assert isinstance(model, TokenDecoder) and model.grid_size == 8
+    # The checkpoint holds the image tokenizer: it loads without the tokenizer's folder.
+    saved = yaml.safe_load(next((tmp_path / name / "checkpoints").glob("step_*/config.yaml")).read_text())
+    assert saved["model"]["dvae"]["name"] == "dvae"
+    moved = tmp_path / "dvae_moved"
+    checkpoints["dvae"].rename(moved)
+    try:
+        again = mmptm.load_pretrained(tmp_path / name).model
+    finally:
+        moved.rename(checkpoints["dvae"])
+    tokens = torch.randint(0, model.codebook_size, (1, model.num_image_tokens))
+    assert torch.equal(again.decode_images(tokens), model.decode_images(tokens))
 
 
 def test_dalle_trains_on_precomputed_token_shards(checkpoints, tmp_path):

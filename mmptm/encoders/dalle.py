@@ -27,10 +27,12 @@ already decoded (:class:`KVCache`); :mod:`mmptm.generation.sampling` drives it.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -141,21 +143,38 @@ class DalleOutput(NamedTuple):
     text_ids: torch.Tensor
 
 
-def frozen_image_tokenizer(path: str) -> nn.Module:
-    """The image tokenizer of a ``dvae`` / ``vqvae`` checkpoint or run folder, frozen: eval mode, no gradients.
+def frozen_image_tokenizer(spec: str | Mapping[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+    """The frozen image tokenizer (eval mode, no gradients) of ``model.dvae``, and its architecture.
+
+    Args:
+        spec: a ``dvae`` / ``vqvae`` checkpoint or run folder, whose weights are loaded; or such a
+            model's config section (what a decoder checkpoint records), built with random weights
+            that the decoder's own checkpoint then overwrites.
+
+    Returns:
+        The tokenizer and its ``model`` config section.
 
     Raises:
-        ConfigError: no checkpoint there, or one of another kind of model.
+        ConfigError: no checkpoint there, one of another kind of model, or an invalid section.
     """
     from mmptm.data_pipelines.image_tokens import load_image_tokenizer
+    from mmptm.models import create_model
+    from mmptm.training.checkpoint import resolve_checkpoint
 
+    if isinstance(spec, Mapping):
+        try:
+            tokenizer, section = create_model(dict(spec)), dict(spec)
+        except ConfigError as err:
+            raise ConfigError(f"model.dvae: {err}") from None
+        return tokenizer.requires_grad_(False).eval(), section
     try:
-        tokenizer = load_image_tokenizer(path)
+        tokenizer = load_image_tokenizer(spec)
+        section = yaml.safe_load((resolve_checkpoint(spec) / "config.yaml").read_text(encoding="utf-8"))["model"]
     except FileNotFoundError as err:
-        raise ConfigError(f"model.dvae={path}: {err} (a relative path is read from the current folder)") from None
+        raise ConfigError(f"model.dvae={spec}: {err} (a relative path is read from the current folder)") from None
     except ConfigError as err:
-        raise ConfigError(f"model.dvae={path}: {err}") from None
-    return tokenizer.requires_grad_(False).eval()
+        raise ConfigError(f"model.dvae={spec}: {err}") from None
+    return tokenizer.requires_grad_(False).eval(), section
 
 
 @register_model("dalle")
@@ -163,8 +182,10 @@ class TokenDecoder(nn.Module):
     """DALL-E's decoder-only transformer over [caption tokens, image tokens] (Ramesh et al. 2021, sec. 2.2).
 
     Args:
-        dvae: the image tokenizer's checkpoint or run folder (``dvae`` / ``vqvae``). It is loaded
-            frozen and kept as ``self.dvae`` (its weights are saved with the decoder's): training
+        dvae: the image tokenizer's checkpoint or run folder (``dvae`` / ``vqvae``), or its model
+            config section. It is loaded frozen and kept as ``self.dvae``; its weights are saved with
+            the decoder's and its section replaces the path in the run's saved config (see
+            :meth:`portable_config`), so a decoder checkpoint loads on its own. Training
             tokenises images on the fly, generation decodes the sampled tokens. None: a decoder of
             precomputed tokens (``image_tokens`` batches) that cannot make images; then set
             ``codebook_size`` and ``grid_size``.
@@ -179,7 +200,7 @@ class TokenDecoder(nn.Module):
 
     def __init__(
         self,
-        dvae: str | None = None,
+        dvae: str | dict[str, Any] | None = None,
         text_length: int = 64,
         width: int = 256,
         layers: int = 4,
@@ -194,7 +215,7 @@ class TokenDecoder(nn.Module):
         super().__init__()
         if text_length < 2:
             raise ConfigError(f"model.text_length must be at least 2 (bos and eos), got {text_length}")
-        self.dvae = frozen_image_tokenizer(dvae) if dvae is not None else None
+        self.dvae, self.dvae_config = frozen_image_tokenizer(dvae) if dvae is not None else (None, None)
         if self.dvae is not None:
             for name, value in (("codebook_size", codebook_size), ("grid_size", grid_size)):
                 if value is not None and value != getattr(self.dvae, name):
@@ -250,6 +271,14 @@ class TokenDecoder(nn.Module):
         if self.dvae is not None:
             self.dvae.eval()
         return self
+
+    def portable_config(self, section: dict[str, Any]) -> dict[str, Any]:
+        """This decoder's config ``section`` with the image tokenizer's architecture in place of its path.
+
+        The trainer saves this section, so a checkpoint loads wherever the tokenizer's folder is gone
+        (its weights are in the decoder's ``model.safetensors``).
+        """
+        return section if self.dvae_config is None else {**section, "dvae": self.dvae_config}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable

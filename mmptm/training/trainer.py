@@ -233,6 +233,8 @@ class Trainer:
                 self.model.init_towers()
             except ValueError as err:
                 raise ConfigError(str(err)) from None
+        if hasattr(self.model, "portable_config"):  # e.g. a frozen sub-model named by path: saved inline
+            self.config.model = self.model.portable_config(dict(self.config.model))
         if tc.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
         self.objectives = nn.ModuleList(
