@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import re
 import sys
 import typing
 from pathlib import Path
@@ -140,8 +141,8 @@ class EvalConfig(_Section):
     retrieval: RetrievalConfig | None = None
     tasks: list[dict[str, Any]] = Field(
         default_factory=list,
-        description="registered evaluators (`mmptm list`), each {name, **options}; their metrics are logged "
-        "as eval/<key>",
+        description="registered evaluators (`mmptm list`), each {name, [prefix], **options}; their metrics are "
+        "logged as eval/<key>, or eval/<prefix>/<key> (to run one evaluator twice with different options)",
     )
 
 
@@ -389,11 +390,42 @@ def validate_components(config: Config, where: str) -> None:
     config.data = {
         name: validate_component(DATASETS, stream, f"data.{name}", where) for name, stream in config.data.items()
     }
-    config.eval.tasks = [
-        validate_component(EVALUATORS, task, f"eval.tasks.{i}", where) for i, task in enumerate(config.eval.tasks)
-    ]
+    config.eval.tasks = validate_eval_tasks(config.eval.tasks, where)
     if not config.objectives:
         raise ConfigError(f"{where}: 'objectives' is empty; name at least one of: {', '.join(OBJECTIVES.names())}")
+
+
+def validate_eval_tasks(tasks: list[Any], where: str) -> list[dict[str, Any]]:
+    """Check ``eval.tasks``: each against its evaluator, ``prefix`` (a trainer key) a plain name, no two alike.
+
+    Two tasks of the same evaluator and prefix would log the same metric names, the later silently
+    replacing the earlier, so that is refused with the fix (a distinct ``prefix``).
+    """
+    checked: list[dict[str, Any]] = []
+    seen: dict[tuple[Any, Any], int] = {}
+    for i, task in enumerate(tasks):
+        key = f"eval.tasks.{i}"
+        if isinstance(task, dict) and "prefix" in task:
+            prefix = task["prefix"]
+            if not isinstance(prefix, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", prefix):
+                raise ConfigError(
+                    f"{where}: '{key}.prefix' must be a name of letters, digits, '_', '.' or '-' (its metrics are "
+                    f"logged as eval/<prefix>/<metric>), got {prefix!r}"
+                )
+            options = validate_component(EVALUATORS, {k: v for k, v in task.items() if k != "prefix"}, key, where)
+            checked.append({**options, "prefix": prefix})
+        else:
+            checked.append(validate_component(EVALUATORS, task, key, where))
+        identity = (checked[-1]["name"], checked[-1].get("prefix"))
+        if identity in seen:
+            raise ConfigError(
+                f"{where}: '{key}' and 'eval.tasks.{seen[identity]}' are both '{identity[0]}' tasks"
+                + (f" with prefix '{identity[1]}'" if identity[1] else "")
+                + ": the later would overwrite the other's metrics; give one a distinct 'prefix' "
+                "(logged as eval/<prefix>/<metric>)"
+            )
+        seen[identity] = i
+    return checked
 
 
 def validate_component(

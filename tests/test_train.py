@@ -274,13 +274,22 @@ def test_registered_evaluators_run_in_eval_tasks(tmp_path, demo):
             return {"text_norm": model.encode_text(context.tokenizer([text]).to(context.device)).norm().item()}
 
     try:
+        # The same evaluator twice, with different options: the second under its prefix.
         overrides = [*TINY, "train.max_steps=2", "eval.zeroshot=null",
-                     "eval.tasks=[{name: caption_norm_for_test, text: un sept.}]"]
+                     "eval.tasks=[{name: caption_norm_for_test, text: un sept.}, "
+                     "{name: caption_norm_for_test, text: a handwritten one., prefix: one}]"]
         final = mmptm.train(mmptm.load_config("clip_tiny.yaml", overrides), output_dir=tmp_path)
         assert final["eval/text_norm"] > 0 and seen == {"training": False, "step": 2}
+        assert final["eval/one/text_norm"] > 0 and final["eval/one/text_norm"] != final["eval/text_norm"]
         assert read_metrics(tmp_path)[-1]["eval/text_norm"] == final["eval/text_norm"]
         with pytest.raises(mmptm.ConfigError, match=r"eval.tasks.0.*did you mean 'text'"):
             mmptm.load_config("clip_tiny.yaml", ["eval.tasks=[{name: caption_norm_for_test, txt: x}]"])
+        with pytest.raises(mmptm.ConfigError, match=r"'eval.tasks.1' and 'eval.tasks.0' are both "
+                                                     r"'caption_norm_for_test' tasks.*distinct 'prefix'"):
+            mmptm.load_config("clip_tiny.yaml", ["eval.tasks=[{name: caption_norm_for_test}, "
+                                                 "{name: caption_norm_for_test, text: x}]"])
+        with pytest.raises(mmptm.ConfigError, match=r"'eval.tasks.0.prefix' must be a name"):
+            mmptm.load_config("clip_tiny.yaml", ["eval.tasks=[{name: caption_norm_for_test, prefix: a/b}]"])
     finally:
         EVALUATORS._entries.pop("caption_norm_for_test", None)
 

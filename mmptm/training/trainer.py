@@ -515,8 +515,10 @@ class Trainer:
         model.eval()
         try:
             for task in self.config.eval.tasks:
-                result = build(EVALUATORS, task, model=model, context=context)
-                metrics.update({f"eval/{key}": value for key, value in result.items()})
+                options = {k: v for k, v in task.items() if k != "prefix"}
+                prefix = f"{task['prefix']}/" if task.get("prefix") else ""
+                result = build(EVALUATORS, options, model=model, context=context)
+                metrics.update({f"eval/{prefix}{key}": value for key, value in result.items()})
         finally:
             model.train(was_training)
         return metrics
