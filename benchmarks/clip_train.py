@@ -11,11 +11,18 @@ default, the ``logit_scale`` clamp after the step). Both get the same weights
 precision (fp32, or ``torch.autocast`` bf16) and the same optimizer
 hyperparameters (``clip_base``'s lr, betas, eps, weight decay). After a
 warm-up the two are timed interleaved, A/B/A/B, ``--repeats`` times ``--steps``
-steps, and the median step time is reported, with the model FLOPs of one step
-(counted with ``torch.utils.flop_counter``) per second and as a fraction of
-this machine's dense matmul peak in the same dtype, measured in the same run
-(MFU; for bf16 the better of PyTorch's bf16 matmul and mmptm's, see
+steps, and the median step time is reported, with the FLOPs of one step as
+each side runs it (counted with ``torch.utils.flop_counter``) per second and as
+a fraction of this machine's dense matmul peak in the same dtype, measured in
+the same run (MFU; for bf16 the better of PyTorch's bf16 matmul and mmptm's, see
 :mod:`mmptm.training.precision`).
+
+The captions are CLIP BPE rows as the tokenizer writes them, padded to the
+77-token context, ``--caption-tokens MIN MAX`` long (default 5-30, web alt-text
+length). mmptm's text tower skips the columns after the batch's last
+end-of-text token (exact under causal attention, see
+:class:`mmptm.encoders.text.TextTransformer`), so it runs fewer FLOPs than
+open_clip on the same batch; ``--caption-tokens 77 77`` removes that difference.
 
     python benchmarks/clip_train.py                                  # small ViT, fp32 and bf16, CPU
     python benchmarks/clip_train.py --model ViT-B-32 --batch-size 32 --steps 1 --repeats 3
@@ -164,15 +171,32 @@ def sync(device: str) -> None:
 
 
 def step_flops(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> int:
-    """FLOPs of one forward and backward of the model and the contrastive loss."""
+    """FLOPs of one forward and backward of ``model`` (either side) and the contrastive loss, as it runs them."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from mmptm.objectives.contrastive import ContrastiveLoss
+    from mmptm.objectives.contrastive import clip_contrastive_loss
 
     with FlopCounterMode(display=False) as counter:
-        ContrastiveLoss()(model, batch)["loss"].backward()
+        out = model(batch["image"], batch["text"])
+        clip_contrastive_loss(out["image_features"], out["text_features"], out["logit_scale"])[0].backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
+
+
+def caption_batch(
+    batch_size: int, context: int, shortest: int, longest: int, generator: torch.Generator
+) -> torch.Tensor:
+    """CLIP BPE rows as the tokenizer writes them: start token, caption, end token, zero padding to ``context``.
+
+    Each row's length (start and end tokens included) is uniform in ``[shortest, longest]``.
+    """
+    lengths = torch.randint(shortest, longest + 1, (batch_size,), generator=generator)
+    text = torch.zeros(batch_size, context, dtype=torch.long)
+    for row, length in enumerate(lengths.tolist()):
+        text[row, 0] = 49406
+        text[row, 1 : length - 1] = torch.randint(1, 49000, (length - 2,), generator=generator)
+        text[row, length - 1] = 49407  # end of text, where both towers pool
+    return text
 
 
 def main() -> None:
@@ -184,24 +208,32 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--caption-tokens", type=int, nargs=2, default=[5, 30], metavar=("MIN", "MAX"),
+        help="each caption's token count, start and end included, uniform in [MIN, MAX] (default 5 30: web "
+        "alt-text such as LAION's averages ~11 words); '77 77' fills the whole context",
+    )
     args = parser.parse_args()
 
     reference, ours = build_pair(args.model, args.device)
     image_size = ours.visual.image_size
     context = ours.text.context_length
+    shortest, longest = args.caption_tokens
+    if not 2 <= shortest <= longest <= context:
+        parser.error(f"--caption-tokens needs 2 <= MIN <= MAX <= {context} (the context length)")
     generator = torch.Generator().manual_seed(1)
     batch = {
         "image": torch.randn(args.batch_size, 3, image_size, image_size, generator=generator).to(args.device),
-        "text": torch.randint(1, 49000, (args.batch_size, context), generator=generator).to(args.device),
+        "text": caption_batch(args.batch_size, context, shortest, longest, generator).to(args.device),
     }
-    batch["text"][:, -1] = 49407  # end of text, where both towers pool
     steps = {"open_clip": open_clip_step(reference, args.device), "mmptm": mmptm_step(ours, args.device)}
-    flops = step_flops(ours, batch)
-    print(f"model {args.model}, batch {args.batch_size}, device {args.device}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; {flops / 1e9:.1f} GFLOP per training step; each side's default "
-          f"training step (mmptm: Trainer step with clipping at {GRAD_CLIP}; open_clip: train.py step), "
-          f"AdamW lr {LR}, betas {BETAS}, eps {EPS}, weight decay {WEIGHT_DECAY}; median of {args.repeats} x "
-          f"{args.steps} steps, interleaved\n")
+    flops = {"open_clip": step_flops(reference, batch), "mmptm": step_flops(ours, batch)}
+    print(f"model {args.model}, batch {args.batch_size}, captions of {shortest}-{longest} of {context} tokens, "
+          f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads; GFLOP per "
+          f"training step as each side runs it: open_clip {flops['open_clip'] / 1e9:.1f}, mmptm "
+          f"{flops['mmptm'] / 1e9:.1f}; each side's default training step (mmptm: Trainer step with clipping at "
+          f"{GRAD_CLIP}; open_clip: train.py step), AdamW lr {LR}, betas {BETAS}, eps {EPS}, weight decay "
+          f"{WEIGHT_DECAY}; median of {args.repeats} x {args.steps} steps, interleaved\n")
     print("| precision | open_clip samples/s | mmptm samples/s | mmptm / open_clip | open_clip TFLOP/s | "
           "mmptm TFLOP/s | matmul peak TFLOP/s | open_clip MFU | mmptm MFU |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -221,7 +253,7 @@ def main() -> None:
                 times[name].append((time.perf_counter() - start) / args.steps)
         median = {name: statistics.median(values) for name, values in times.items()}
         rate = {name: args.batch_size / seconds for name, seconds in median.items()}
-        achieved = {name: flops / seconds for name, seconds in median.items()}
+        achieved = {name: flops[name] / seconds for name, seconds in median.items()}
         print(f"| {precision} | {rate['open_clip']:.1f} | {rate['mmptm']:.1f} | "
               f"{rate['mmptm'] / rate['open_clip']:.2f} | {achieved['open_clip'] / 1e12:.3f} | "
               f"{achieved['mmptm'] / 1e12:.3f} | {peak / 1e12:.3f} | {achieved['open_clip'] / peak:.1%} | "

@@ -142,12 +142,40 @@ def test_logit_scale_is_clamped_at_max_logit_scale():
 # --------------------------------------------------------------------------- text tower
 
 
+def test_text_tower_drops_the_columns_after_the_last_end_of_text_token_exactly():
+    """Features and every gradient equal open_clip's, which runs all 16 positions; ours runs 10."""
+    torch.manual_seed(0)
+    text_cfg = {k: v for k, v in TEXT.items() if k != "name"}
+    reference = CustomTextCLIP(
+        EMBED_DIM,
+        vision_cfg={"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
+        text_cfg={**text_cfg, "vocab_size": VOCAB, "pool_type": "argmax"},
+        output_dict=True,
+    ).double()  # float64: the two sum the gradients in different orders
+    model = tiny_clip().double()
+    model.load_state_dict(reference.state_dict())
+    text = tokens()[:, :10].clone()
+    text[:, -1] = torch.where(text.max(dim=1).values == VOCAB - 1, text[:, -1], VOCAB - 1)
+    text = torch.cat([text, torch.zeros(4, 6, dtype=torch.long)], dim=1)  # 6 columns of padding only
+    lengths = []
+    model.text.transformer.register_forward_pre_hook(lambda module, args: lengths.append(args[0].shape[1]))
+    ours, theirs = model.encode_text(text), reference.encode_text(text)
+    torch.testing.assert_close(ours, theirs)
+    weights = torch.randn(ours.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    (ours * weights).sum().backward()
+    (theirs * weights).sum().backward()
+    assert lengths == [int(model.text.eot_positions(text).max()) + 1] and lengths[0] <= 10
+    for (name, mine), (_, ref) in zip(model.text.named_parameters(), reference.text.named_parameters(), strict=True):
+        torch.testing.assert_close(mine.grad, ref.grad, msg=lambda m, name=name: f"{name}: {m}")
+
+
 def test_text_transformer_is_causal():
     torch.manual_seed(0)
     tower = TextTransformer(EMBED_DIM, VOCAB, context_length=16, width=32, heads=2, layers=2).eval()
     hidden = []
     tower.transformer.register_forward_hook(lambda module, inputs, output: hidden.append(output))
-    text = tokens()
+    text = torch.randint(4, VOCAB - 2, (4, 16), generator=torch.Generator().manual_seed(0))
+    text[:, -1] = VOCAB - 1  # no padding: all 16 positions run
     changed = text.clone()
     changed[:, 8] = (changed[:, 8] + 1) % VOCAB
     with torch.no_grad():
