@@ -88,3 +88,39 @@ def test_optimizer_is_fused_and_steps_like_the_reference_adamw() -> None:
     for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
         # atol: the key bias gets only rounding-noise gradients (it cannot change a softmax)
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def _bf16_gradients(model: torch.nn.Module, run, checkpointing: bool) -> list[torch.Tensor]:
+    """Gradients of a bf16 (fp32-kernel) forward whose backward runs outside the GEMM mode, as a user's would."""
+    model = copy.deepcopy(model)
+    model.set_grad_checkpointing(checkpointing)
+    with cpu_bf16_gemms(torch.device("cpu"), "bf16"), bf16_autocast():
+        loss = run(model).float().square().mean()
+    loss.backward()  # recomputation (checkpointing) must bring the forward's GEMM mode back by itself
+    return [p.grad for p in model.parameters()]
+
+
+def test_checkpointed_bert_and_dalle_blocks_recompute_under_the_forwards_gemm_mode() -> None:
+    from mmptm.encoders.bert import BertLayer, run_layer
+    from mmptm.encoders.dalle import TokenDecoder
+
+    class Stack(torch.nn.Module):  # a BERT layer as VisualBERT / ViLBERT run it (run_layer)
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer, self.grad_checkpointing = BertLayer(32, 2, dropout=0.0), False
+
+        def set_grad_checkpointing(self, enable: bool) -> None:
+            self.grad_checkpointing = enable
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return run_layer(self.layer, self.grad_checkpointing, x)
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 32)
+    decoder = TokenDecoder(codebook_size=16, grid_size=2, text_length=4, width=32, layers=2, heads=2,
+                           vocab_size=20, pad_id=0)
+    text, tokens = torch.tensor([[2, 5, 3, 0], [2, 7, 8, 3]]), torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    for model, run in ((Stack(), lambda m: m(x)), (decoder, lambda m: m(text, tokens).image_logits)):
+        plain, checkpointed = _bf16_gradients(model, run, False), _bf16_gradients(model, run, True)
+        for a, b in zip(plain, checkpointed, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+
+from mmptm.encoders.layers import checkpoint_in_forward_modes
 
 # BERT's LayerNorm epsilon (Hugging Face's ``layer_norm_eps`` default).
 BERT_LAYER_NORM_EPS = 1e-12
@@ -133,7 +134,7 @@ class BertLayer(nn.Module):
 def run_layer(layer: nn.Module, grad_checkpointing: bool, *args: torch.Tensor | None) -> torch.Tensor:
     """``layer(*args)``, recomputed in backward when ``grad_checkpointing`` and gradients are on."""
     if grad_checkpointing and torch.is_grad_enabled():
-        return checkpoint(layer, *args, use_reentrant=False)
+        return checkpoint_in_forward_modes(layer, *args)
     return layer(*args)
 
 

@@ -34,10 +34,9 @@ import torch
 import torch.nn.functional as F
 import yaml
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from mmptm.config import ConfigError
-from mmptm.encoders.layers import Attention, Mlp
+from mmptm.encoders.layers import Attention, Mlp, checkpoint_in_forward_modes
 from mmptm.registry import register_model
 
 
@@ -346,7 +345,7 @@ class TokenDecoder(nn.Module):
         for i, block in enumerate(self.blocks):
             layer_cache = cache.layers[i] if cache is not None else None
             if self.grad_checkpointing and torch.is_grad_enabled() and cache is None:
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint_in_forward_modes(block, x)
             else:
                 x = block(x, layer_cache, start)
         return self.ln_final(x)
