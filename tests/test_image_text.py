@@ -356,15 +356,17 @@ def test_eval_transform_is_deterministic_and_normalises():
     torch.testing.assert_close(red[:, 0, 0], torch.tensor([(1 - 0.5) / 0.2, -0.4 / 0.25, -0.3 / 0.3]))
     square = Image.frombytes("L", (16, 16), bytes(range(256))).convert("RGB")
     full_crop = image_transform(8, mean, std, training=True, scale=(1.0, 1.0), ratio=(1.0, 1.0))
-    torch.testing.assert_close(full_crop(square), evaluate(square))  # both bicubic, same geometry
+    # Both bicubic with PIL's filter, same geometry (train: torch's uint8 kernel, eval: PIL's): within 2 levels.
+    levels = (full_crop(square) - evaluate(square)) * torch.tensor(std).view(3, 1, 1) * 255
+    assert levels.abs().max() <= 2 + 1e-3 and levels.abs().mean() < 0.5
     random_crop = image_transform(8, mean, std, training=True, scale=(0.1, 0.3))
     crops = [random_crop(square) for _ in range(5)]
     assert all(c.shape == (3, 8, 8) for c in crops) and any(not torch.equal(crops[0], c) for c in crops[1:])
 
 
 def test_transforms_match_torchvision() -> None:
-    """Eval: torchvision's Resize + CenterCrop + ToTensor + Normalize (open_clip's); train: a crop resized as
-    torchvision's RandomResizedCrop does it (inside the box; PIL's box resize also reads across its edges)."""
+    """Eval: torchvision's Resize + CenterCrop + ToTensor + Normalize (open_clip's), exactly; train: a crop
+    resized as torchvision's RandomResizedCrop does it on a PIL image, to within 2 of 255 levels."""
     from torchvision import transforms as T
     from torchvision.transforms import InterpolationMode
 
@@ -376,7 +378,9 @@ def test_transforms_match_torchvision() -> None:
     train = image_transform(16, mean, std, training=True, scale=(0.3, 0.6))
     box = random_resized_crop_box(40, 30, (0.3, 0.6), (3 / 4, 4 / 3), random.Random(7))
     expected = to_tensor(image.crop(box).resize((16, 16), Image.Resampling.BICUBIC))
-    torch.testing.assert_close(train(image, random.Random(7))[:, 3:-3, 3:-3], expected[:, 3:-3, 3:-3])
+    # torch's uint8 antialiased bicubic (PIL's filter) against PIL's resize: at most 2 of 255 levels apart.
+    levels = (train(image, random.Random(7)) - expected) * torch.tensor(std).view(3, 1, 1) * 255
+    assert levels.abs().max() <= 2 + 1e-3 and levels.abs().mean() < 0.5
 
 
 @settings(max_examples=100, deadline=None)
