@@ -167,6 +167,7 @@ def test_text_tower_drops_the_columns_after_the_last_end_of_text_token_exactly()
     assert lengths == [int(model.text.eot_positions(text).max()) + 1] and lengths[0] <= 10
     for (name, mine), (_, ref) in zip(model.text.named_parameters(), reference.text.named_parameters(), strict=True):
         torch.testing.assert_close(mine.grad, ref.grad, msg=lambda m, name=name: f"{name}: {m}")
+    assert model.encode_text(text[:0]).shape == (0, EMBED_DIM)  # an empty batch has nothing to trim
 
 
 def test_text_transformer_is_causal():

@@ -94,7 +94,7 @@ class TextTransformer(nn.Module):
         if length > self.context_length:
             raise ValueError(f"{length} tokens exceed 'context_length' ({self.context_length})")
         eot = self.eot_positions(text)
-        if text.device.type == "cpu" and not torch.compiler.is_compiling():
+        if text.device.type == "cpu" and text.shape[0] > 0 and not torch.compiler.is_compiling():
             # Causal attention: no position up to a sequence's end-of-text token sees the ones after
             # it, so the columns after the batch's last end-of-text token change neither the pooled
             # features nor any gradient. Dropping them (captions are ~10-30 of the 77 tokens) is
