@@ -30,7 +30,7 @@ import mmptm
 from mmptm.data_pipelines.context import DataContext
 from mmptm.data_pipelines.demo import resolve
 from mmptm.evaluation.common import EvalContext
-from mmptm.evaluation.denoising import detokenize, take_rows
+from mmptm.evaluation.denoising import capped_batches, detokenize
 from mmptm.evaluation.multilingual import text_batches
 from mmptm.objectives.denoising import MultilingualDenoising
 from mmptm.objectives.masking import IGNORE_INDEX
@@ -64,17 +64,9 @@ def main() -> None:
     generator = torch.Generator().manual_seed(args.seed)
     not_text = {model.mask_id, *model.language_token_id.values()}
     max_length = min(tokenizer.context_length, model.max_positions - 1)
-    counts: dict[str, int] = {}
     rows: list[tuple[int, bool, bool]] = []  # (k, model exact, copy exact)
-    for batch in text_batches(context, "demo:text_val", None, 64, "denoise ceiling"):
-        keep = []
-        for row, lang in enumerate(batch["lang"]):
-            if counts.get(lang, 0) < args.max_sentences:
-                counts[lang] = counts.get(lang, 0) + 1
-                keep.append(row)
-        if not keep:
-            continue
-        batch = take_rows(batch, keep)
+    batches = text_batches(context, "demo:text_val", None, 64, "denoise ceiling")
+    for batch in capped_batches(batches, args.max_sentences):
         inputs = noise.corrupt(model, batch, generator)
         with torch.no_grad():
             generated = model.generate(inputs.source, batch["lang"], max_length=max_length)

@@ -405,18 +405,19 @@ def validate_eval_tasks(tasks: list[Any], where: str) -> list[dict[str, Any]]:
     seen: dict[tuple[Any, Any], int] = {}
     for i, task in enumerate(tasks):
         key = f"eval.tasks.{i}"
+        prefix = None
         if isinstance(task, dict) and "prefix" in task:
-            prefix = task["prefix"]
+            task = dict(task)
+            prefix = task.pop("prefix")
             if not isinstance(prefix, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", prefix):
                 raise ConfigError(
                     f"{where}: '{key}.prefix' must be a name of letters, digits, '_', '.' or '-' (its metrics are "
                     f"logged as eval/<prefix>/<metric>), got {prefix!r}"
                 )
-            options = validate_component(EVALUATORS, {k: v for k, v in task.items() if k != "prefix"}, key, where)
-            checked.append({**options, "prefix": prefix})
-        else:
-            checked.append(validate_component(EVALUATORS, task, key, where))
-        identity = (checked[-1]["name"], checked[-1].get("prefix"))
+        checked.append(validate_component(EVALUATORS, task, key, where))
+        if prefix is not None:
+            checked[-1]["prefix"] = prefix
+        identity = (checked[-1]["name"], prefix)
         if identity in seen:
             raise ConfigError(
                 f"{where}: '{key}' and 'eval.tasks.{seen[identity]}' are both '{identity[0]}' tasks"

@@ -11,7 +11,7 @@ itself, its ``<mask>`` tokens dropped: what a model that only copies would get.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -41,6 +41,22 @@ def take_rows(batch: dict[str, Any], rows: list[int]) -> dict[str, Any]:
     index = torch.tensor(rows, dtype=torch.long)
     return {"tokens": batch["tokens"][index], "word_starts": batch["word_starts"][index],
             "lang": [batch["lang"][row] for row in rows]}
+
+
+def capped_batches(batches: Iterable[dict[str, Any]], max_sentences: int | None) -> Iterator[dict[str, Any]]:
+    """The ``text`` batches restricted to the first ``max_sentences`` rows of each language (None: all rows).
+
+    Batches left without rows are dropped.
+    """
+    counts: dict[str, int] = {}
+    for batch in batches:
+        rows = []
+        for row, lang in enumerate(batch["lang"]):
+            if max_sentences is None or counts.get(lang, 0) < max_sentences:
+                counts[lang] = counts.get(lang, 0) + 1
+                rows.append(row)
+        if rows:
+            yield take_rows(batch, rows)
 
 
 @register_evaluator("denoise")
@@ -88,18 +104,9 @@ def denoise(
     reconstructions: list[str] = []
     copies: list[str] = []
     row_languages: list[str] = []
-    counts: dict[str, int] = {}
     stream = text_batches(context, data, languages, batch_size, "denoise")
     with evaluating(model):
-        for batch in stream:
-            rows = []
-            for row, lang in enumerate(batch["lang"]):
-                if max_sentences is None or counts.get(lang, 0) < max_sentences:
-                    counts[lang] = counts.get(lang, 0) + 1
-                    rows.append(row)
-            if not rows:
-                continue
-            batch = take_rows(batch, rows)
+        for batch in capped_batches(stream, max_sentences):
             inputs = noise.corrupt(model, batch, generator)
             with autocast_context(context.autocast):
                 generated = model.generate(inputs.source.to(context.device), batch["lang"], max_length=max_length,
