@@ -1,9 +1,11 @@
-"""How much of an mBART checkpoint's ``eval/denoise_em`` is achievable at all on the demo corpus.
+"""How much exact reconstruction of single noised sentences of the demo corpus is achievable at all.
 
-The ``denoise`` evaluator noises held-out sentences (35% of the words masked in
-Poisson(3.5) spans) and scores exact reconstruction. On spelled-out numbers and
-one-word names most noised sentences have many valid fillings. For every noised
-sentence this script counts ``k``, the sentences of its language in the whole
+Why ``mbart_tiny`` trains and is evaluated on documents (``demo:docs_train`` /
+``demo:docs_val``, runs of 4 consecutive numbers): this script noises single
+held-out sentences (``demo:text_val``, 35% of the words masked in Poisson(3.5)
+spans, as the ``denoise`` evaluator does with that data) and shows that on
+spelled-out numbers and one-word names most of them have many valid fillings.
+For every noised sentence it counts ``k``, the sentences of its language in the whole
 demo corpus (training and held-out shards) that fit its unmasked pieces in
 order (each ``<mask>`` standing for any text), and reports:
 
@@ -11,7 +13,9 @@ order (each ``<mask>`` standing for any text), and reports:
 - the checkpoint's greedy exact match and the copy baseline's, overall and on
   the sentences with at most 1, 3 and 10 fits.
 
-The noised sources are the evaluator's (same seed, order and per-language cap).
+The noised sources are the ``denoise`` evaluator's with ``data: demo:text_val`` (same
+seed, order and per-language cap). On the ``mbart_tiny`` run of the README: a ceiling
+of 3.7%, one sentence in 1,600 with a unique filling.
 
     python examples/denoise_ceiling.py runs/mbart_tiny             # 200 sentences per language
 """
@@ -52,7 +56,7 @@ def corpus_sentences(tokenizer: object) -> dict[str, set[str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="an mbart checkpoint or run folder")
-    parser.add_argument("--max-sentences", type=int, default=200, help="per language, as mbart_tiny's evaluator")
+    parser.add_argument("--max-sentences", type=int, default=200, help="per language")
     parser.add_argument("--seed", type=int, default=0, help="the evaluator's noise seed")
     args = parser.parse_args()
 

@@ -90,7 +90,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
         "multilingual text corpus)",
         description="Build the demo data into $MMPTM_CACHE (default ~/.cache/mmptm): 'images' is demo-v2, "
         "scikit-learn's 1,797 handwritten digits as webdataset shards with multilingual captions, "
-        "a seeded train/val split and a sentencepiece tokenizer; 'multilingual' is demo-multilingual-v1, "
+        "a seeded train/val split and a sentencepiece tokenizer; 'multilingual' is demo-multilingual-v2, "
         "num2words numbers and CLDR names as monolingual and parallel text shards in 8 languages with "
         "held-out items and a sentencepiece tokenizer. Bundled configs build what they need on first use.",
     )

@@ -19,10 +19,10 @@ from mmptm.data_pipelines.context import DataContext
 from mmptm.data_pipelines.demo import resolve
 from mmptm.data_pipelines.text import text
 from mmptm.data_pipelines.tokenizer import load_tokenizer
-from mmptm.encoders.mbart import MBart
+from mmptm.encoders.mbart import Generation, MBart
 from mmptm.evaluation.chrf import corpus_chrf
 from mmptm.evaluation.common import EvalContext
-from mmptm.evaluation.denoising import denoise
+from mmptm.evaluation.denoising import denoise, detokenize, sentence_matches
 from mmptm.objectives.denoising import MultilingualDenoising, span_lengths, text_infilling
 from mmptm.objectives.masking import IGNORE_INDEX
 from mmptm.training.trainer import train
@@ -340,6 +340,49 @@ def test_decoding_stops_at_eos_and_at_max_length(beam_size, monkeypatch):
         model.generate(source, langs, max_length=48)
 
 
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_a_document_ends_at_its_last_sentence(beam_size, monkeypatch):
+    model = tiny_mbart().eval()
+    source, langs = sources()
+    plain_logits = model.logits
+    calls = []
+
+    def logits(hidden):  # every row says </s> at steps 2 and 4, never elsewhere
+        out = plain_logits(hidden).clone()
+        out[:, EOS] = 1e4 if len(calls) in (1, 3) else -1e4
+        calls.append(1)
+        return out
+
+    monkeypatch.setattr(model, "logits", logits)
+    out = model.generate(source, langs, max_length=7, beam_size=beam_size, sentences=[2, 1, 3, 2])
+    for row, ends_at in enumerate([3, 1, None, 3]):  # rows of 2 sentences end at their second </s>
+        eos = (out.tokens[row] == EOS).nonzero().flatten().tolist()
+        if ends_at is None:  # 3 sentences: both </s> are separators, decoding runs to max_length
+            assert eos == [1, 3] and (out.tokens[row] != PAD).all()
+        else:
+            assert eos[-1] == ends_at and (out.tokens[row, ends_at + 1 :] == PAD).all()
+    if beam_size == 1:  # the cached and the full decoder agree on documents too
+        calls.clear()
+        full = model.greedy_search(source, langs, max_length=7, use_cache=False, sentences=[2, 1, 3, 2])
+        assert torch.equal(full.tokens, out.tokens)
+    for bad in ([1, 1, 1], [1, 0, 1, 1]):
+        with pytest.raises(ValueError, match="sentences"):
+            model.generate(source, langs, max_length=7, beam_size=beam_size, sentences=bad)
+
+
+def test_detokenize_keeps_the_sentences_of_a_document():
+    class Pieces:
+        eos_id = EOS
+
+        def decode(self, ids):
+            return " ".join(map(str, ids))
+
+    ids = [7, 8, EOS, MASK, 9, EOS, 10, EOS, 11]
+    assert detokenize(Pieces(), ids, {MASK}) == "7 8"
+    assert detokenize(Pieces(), ids, {MASK}, sentences=3) == "7 8\n9\n10"
+    assert sentence_matches("7 8\n9\n10", "7 8\n10\n10") == 2
+
+
 # ---------------------------------------------------------------------------------------------- chrF
 
 
@@ -383,14 +426,52 @@ def demo_mbart(tokenizer, **options) -> MBart:
 def test_denoise_evaluator_on_held_out_sentences(tokenizer):
     context = EvalContext(tokenizer=tokenizer, data=DataContext(tokenizer=tokenizer, training=False))
     model = demo_mbart(tokenizer).eval()
-    metrics = denoise(model, context, languages=["fr"], max_sentences=12, max_length=8, batch_size=5)
-    assert set(metrics) == {"denoise_em", "denoise_chrf", "denoise_copy_em", "denoise_copy_chrf", "denoise_em/fr"}
+    metrics = denoise(model, context, data="demo:text_val", languages=["fr"], max_sentences=12, max_length=8,
+                      batch_size=5)
+    assert set(metrics) == {"denoise_em", "denoise_sentence_em", "denoise_chrf", "denoise_copy_em",
+                            "denoise_copy_sentence_em", "denoise_copy_chrf", "denoise_em/fr"}
     # Every sentence loses at least one word, so copying the source never reconstructs it.
     assert metrics["denoise_copy_em"] == 0 and 0 < metrics["denoise_copy_chrf"] < 100
     assert metrics["denoise_em"] == metrics["denoise_em/fr"] == 0  # untrained
-    assert metrics == denoise(model, context, languages=["fr"], max_sentences=12, max_length=8, batch_size=4)
+    assert metrics == denoise(model, context, data="demo:text_val", languages=["fr"], max_sentences=12,
+                              max_length=8, batch_size=4)
     beam = denoise(model, context, languages=["fr"], max_sentences=3, max_length=6, beam_size=2)
     assert 0 <= beam["denoise_chrf"] <= 100
+
+
+def test_denoise_evaluator_scores_whole_documents(monkeypatch):
+    """An oracle that returns the original scores 1; one that drops a sentence scores per sentence."""
+    tokenizer = load_tokenizer(resolve("demo:multilingual_tokenizer"), context_length=48)  # whole documents
+    context = EvalContext(tokenizer=tokenizer, data=DataContext(tokenizer=tokenizer, training=False))
+    model = demo_mbart(tokenizer, max_positions=64).eval()
+    targets = []
+    corrupt = MultilingualDenoising.corrupt
+
+    def recording_corrupt(self, model, batch, generator=None):
+        inputs = corrupt(self, model, batch, generator)
+        targets.append(inputs.target.clamp(min=0))
+        return inputs
+
+    def oracle(source, languages, sentences, **options):
+        assert sentences == [4] * len(languages)  # every held-out document has 4 sentences
+        return Generation(targets[-1], torch.zeros(len(languages)), None)
+
+    monkeypatch.setattr(MultilingualDenoising, "corrupt", recording_corrupt)
+    monkeypatch.setattr(model, "generate", oracle)
+    metrics = denoise(model, context, data="demo:docs_val", languages=["en", "fr"], max_sentences=6)
+    assert metrics["denoise_em"] == metrics["denoise_sentence_em"] == metrics["denoise_chrf"] / 100 == 1
+    assert metrics["denoise_copy_em"] == 0 and 0 < metrics["denoise_copy_sentence_em"] < 1
+
+    def first_sentence_lost(source, languages, sentences, **options):
+        tokens = targets[-1].clone()
+        for row in tokens:  # the first sentence and its </s> removed
+            cut = row.tolist().index(tokenizer.eos_id) + 1
+            row[:] = torch.cat([row[cut:], row.new_full((cut,), tokenizer.pad_id)])
+        return Generation(tokens, torch.zeros(len(languages)), None)
+
+    monkeypatch.setattr(model, "generate", first_sentence_lost)
+    metrics = denoise(model, context, data="demo:docs_val", languages=["en"], max_sentences=6)
+    assert metrics["denoise_em"] == 0 and metrics["denoise_sentence_em"] == 0
 
 
 def test_denoising_loss_falls_on_a_tiny_real_run(tokenizer):

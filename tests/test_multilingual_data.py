@@ -80,6 +80,30 @@ def test_rows_pack_sentences_of_one_language_up_to_max_length(tmp_path):
         assert row.tolist() == (en_row if lang == "en" else de_row)
 
 
+def test_a_text_of_several_lines_is_one_document_row(tmp_path):
+    docs = [{"text": "aa b\n\n  ccc \ndddd", "lang": "en"}, {"text": "e\nff", "lang": "en"}] * 10
+    write_json_shard(tmp_path / "en" / "0.tar", docs)
+    # One document per row (pack: false): its sentences separated by eos, blank lines dropped.
+    stream = text(DataContext(tokenizer=WordTokenizer()), str(tmp_path), batch_size=4, epoch_samples=8, pack=False,
+                  shuffle_buffer=0)
+    rows = [row.tolist() for b in batches(stream) if not b.get("empty") for row in b["tokens"]]
+    assert sorted(map(tuple, rows)) == sorted([(2, 7, 6, 3, 8, 3, 9, 3, 0, 0, 0, 0), (2, 6, 3, 7, 3, *[0] * 7)] * 4)
+    # Evaluation: one document per row too; packing (training) appends whole documents.
+    stream = text(DataContext(tokenizer=WordTokenizer(), training=False), str(tmp_path), batch_size=20)
+    assert [b["tokens"].shape for b in batches(stream)] == [(20, 12)]
+    # Training splits a document that does not fit between sentences; the rest starts the next row.
+    stream = text(DataContext(tokenizer=WordTokenizer()), str(tmp_path), batch_size=3, epoch_samples=3,
+                  shuffle_buffer=0, max_length=16)
+    packed = [row.tolist() for b in batches(stream) if not b.get("empty") for row in b["tokens"]]
+    assert packed == [[2, 7, 6, 3, 8, 3, 9, 3, 6, 3, 7, 3, 7, 6, 3, 0],  # doc 1, doc 2, doc 1's first sentence
+                      [2, 8, 3, 9, 3, 6, 3, 7, 3, 7, 6, 3, 8, 3, 9, 3],
+                      [2, 6, 3, 7, 3, 7, 6, 3, 8, 3, 9, 3, 6, 3, 7, 3]]
+    stream = text(DataContext(tokenizer=WordTokenizer()), str(tmp_path), batch_size=3, epoch_samples=3,
+                  shuffle_buffer=0, max_length=6, pack=False)
+    unpacked = [row.tolist() for b in batches(stream) if not b.get("empty") for row in b["tokens"]]
+    assert unpacked == [[2, 7, 6, 3, 8, 3], [2, 9, 3, 0, 0, 0], [2, 6, 3, 7, 3, 0]]  # one document at most
+
+
 def test_bad_text_samples_are_skipped_and_counted(tmp_path):
     records = [
         {"text": "good one", "lang": "en", "label": 3},
@@ -165,6 +189,30 @@ def test_demo_corpus_holds_items_out_of_training(corpus):
     assert all(items == per_lang["en"] for items in per_lang.values())
     sizes = json.loads((corpus / "info.json").read_text())["text_train_sentences"]
     assert sizes["en"] > sizes["fr"] > sizes["tr"]
+
+
+def test_demo_documents_are_runs_of_consecutive_numbers_held_out_apart(corpus):
+    by_text = {(lang, item.texts[lang]): int(item.id.split("/")[1])
+               for item in demo_items() if item.label is not None for lang in item.texts}
+    held = {int(item.id.split("/")[1]) for item in split_items(demo_items(), 0)[1] if item.label is not None}
+
+    def numbers(record):
+        return [by_text[record["lang"], line] for line in record["text"].split("\n")]
+
+    train = [numbers(r) for p in sorted((corpus / "docs-train").glob("*/*.tar")) for r in json_records(p)]
+    info = json.loads((corpus / "info.json").read_text())
+    assert info["document_sentences"] == 4
+    assert all(run == list(range(run[0], run[0] + 4)) and held.isdisjoint(run) for run in train)
+    counts = Counter(len(json_records(p)) for p in (corpus / "docs-train" / "en").glob("*.tar"))
+    assert sum(n * k for n, k in counts.items()) > sum(len(json_records(p)) for p in
+                                                        (corpus / "docs-train" / "tr").glob("*.tar")) > 1000
+    for lang in MULTILINGUAL_LANGUAGES:
+        val = json_records(next((corpus / "docs-val" / lang).glob("*.tar")))
+        assert len(val) == len(held) == 1000
+        for record in val:
+            run = numbers(record)
+            assert run == list(range(run[0], run[0] + 4)) and int(record["item"].split("/")[1]) in run
+    assert resolve("demo:docs_val") == str(corpus / "docs-val")
 
 
 def test_demo_corpus_names_and_tokenizer(corpus):

@@ -1,8 +1,8 @@
 """The embedded multilingual demo corpus: spelled-out numbers and CLDR names, parallel across 8 languages.
 
 Built offline from data that installed packages ship, so the multilingual
-recipes (``mmlm_tiny``, ``xlm_tiny``, ``unicoder_tiny``) train and evaluate
-without a download:
+recipes (``mmlm_tiny``, ``xlm_tiny``, ``unicoder_tiny``, ``mbart_tiny``) train and
+evaluate without a download:
 
 - numbers 0..9999 written out by ``num2words`` ("four thousand, two hundred and
   one", "quatre mille deux cent un", ...);
@@ -15,10 +15,22 @@ none of their sentences is in a training shard, in any language. Languages get
 different shares of the training items (English all, Turkish a fifth), so that
 language sampling (q_i ∝ p_i^alpha) has something to re-balance.
 
-Layout of ``$MMPTM_CACHE/demo-multilingual-v1``::
+*Documents* (for mBART's denoising, which reconstructs documents) are runs of
+``DOCUMENT_SENTENCES`` consecutive numbers, one per line ("forty-one\\nforty-two\\n...").
+Single sentences of this corpus cannot be reconstructed once 35% of their words
+are masked (a masked "twenty" has nine equally good fillings; see
+``examples/denoise_ceiling.py``); in a document the neighbours fix the missing
+words, as context does in natural text. Training documents hold training
+numbers only; each held-out document holds one held-out number (at a random
+place in the run), so the held-out sentences of the other splits are in no
+training document either.
+
+Layout of ``$MMPTM_CACHE/demo-multilingual-v2``::
 
     text-train/<lang>/<lang>-000000.tar ...  monolingual text shards, json {"text", "lang"}
     text-val/<lang>/<lang>-000000.tar        held-out items, json {"text", "lang", "item"[, "label"]}
+    docs-train/<lang>/<lang>-000000.tar ...  documents of consecutive training numbers, json {"text", "lang"}
+    docs-val/<lang>/<lang>-000000.tar        a document around each held-out number, json {"text", "lang", "item"}
     parallel-train-000000.tar ...            json {"src", "tgt", "src_lang": "en", "tgt_lang", "item"}
     parallel-val-000000.tar ...              held-out en-X pairs, json as train[, "label"]
     tokenizer.model                          sentencepiece, BPE, byte fallback, <mask>, trained with alpha 0.3
@@ -42,7 +54,7 @@ from num2words import num2words
 from mmptm.data_pipelines.demo import ensure_built, json_bytes, shard_pattern, write_shards
 from mmptm.data_pipelines.tokenizer import SentencePieceTokenizer
 
-MULTILINGUAL_VERSION = "demo-multilingual-v1"
+MULTILINGUAL_VERSION = "demo-multilingual-v2"  # v2: documents (docs-train, docs-val) added
 MULTILINGUAL_LANGUAGES: tuple[str, ...] = ("en", "fr", "de", "es", "it", "pt", "ru", "tr")
 # Share of the training items each language's monolingual text keeps (English: the pivot).
 LANGUAGE_SHARES: dict[str, float] = {"en": 1.0, "fr": 0.8, "de": 0.7, "es": 0.6, "it": 0.5, "pt": 0.4, "ru": 0.3,
@@ -53,10 +65,13 @@ CLDR_KINDS = ("territories", "languages", "currencies", "months", "days")
 SAMPLES_PER_SHARD = 5000
 TOKENIZER_VOCAB_SIZE = 4000
 TOKENIZER_ALPHA = 0.3  # XLM-R's exponent
+DOCUMENT_SENTENCES = 4  # consecutive numbers per document
 # The names of the parts `resolve("demo:<name>")` knows, and their paths in the build.
 MULTILINGUAL_NAMES = {
     "text_train": "text-train",
     "text_val": "text-val",
+    "docs_train": "docs-train",
+    "docs_val": "docs-val",
     "parallel_train": "parallel-train",
     "parallel_val": "parallel-val",
     "multilingual_tokenizer": "tokenizer.model",
@@ -79,7 +94,7 @@ class Item:
 
 
 def multilingual_root() -> Path:
-    """``$MMPTM_CACHE/demo-multilingual-v1``, by default ``~/.cache/mmptm/demo-multilingual-v1``."""
+    """``$MMPTM_CACHE/demo-multilingual-v2``, by default ``~/.cache/mmptm/demo-multilingual-v2``."""
     return Path(os.environ.get("MMPTM_CACHE", "~/.cache/mmptm")).expanduser() / MULTILINGUAL_VERSION
 
 
@@ -176,6 +191,7 @@ def build_multilingual_demo(directory: Path, seed: int = 0) -> dict:
         order = rng.permutation(len(pairs)) if split == "train" else range(len(pairs))
         samples = [_sample(i, _parallel(pairs[j])) for i, j in enumerate(order)]
         write_shards(directory, f"parallel-{split}", samples, SAMPLES_PER_SHARD)
+    _write_documents(directory, train, held_out, np.random.default_rng(seed + 2))
     SentencePieceTokenizer.train(
         monolingual,
         directory / "tokenizer.model",
@@ -194,10 +210,47 @@ def build_multilingual_demo(directory: Path, seed: int = 0) -> dict:
         "num_held_out_items": len(held_out),
         "num_held_out_numbers": sum(item.label is not None for item in held_out),
         "text_train_sentences": {lang: len(texts) for lang, texts in monolingual.items()},
+        "document_sentences": DOCUMENT_SENTENCES,
         "source": "num2words (numbers 0..9999) and Babel/CLDR names (territories, languages, currencies, months, days)",
     }
     (directory / "info.json").write_bytes(json_bytes(info))
     return info
+
+
+def number_documents(
+    train: Sequence[Item], held_out: Sequence[Item], rng: np.random.Generator
+) -> tuple[list[list[Item]], list[tuple[Item, list[Item]]]]:
+    """Runs of ``DOCUMENT_SENTENCES`` consecutive numbers: ``(training runs, [(held-out number, its run)])``.
+
+    The training runs are every run of training numbers only; each held-out number gets one run
+    that holds it at a uniformly drawn place (within 0..NUM_NUMBERS - 1).
+    """
+    numbers = {int(item.id.split("/")[1]): item for item in (*train, *held_out) if item.label is not None}
+    held = {int(item.id.split("/")[1]) for item in held_out if item.label is not None}
+    size = DOCUMENT_SENTENCES
+    runs = [
+        [numbers[n] for n in range(start, start + size)]
+        for start in range(len(numbers) - size + 1)
+        if held.isdisjoint(range(start, start + size))
+    ]
+    held_runs = []
+    for number in sorted(held):
+        start = min(max(number - int(rng.integers(size)), 0), len(numbers) - size)
+        held_runs.append((numbers[number], [numbers[n] for n in range(start, start + size)]))
+    return runs, held_runs
+
+
+def _write_documents(directory: Path, train: Sequence[Item], held_out: Sequence[Item],
+                     rng: np.random.Generator) -> None:
+    """``docs-train`` (each language keeps its share of the training runs, shuffled) and ``docs-val``."""
+    runs, held_runs = number_documents(train, held_out, rng)
+    for lang in MULTILINGUAL_LANGUAGES:
+        keep = rng.permutation(len(runs))[: round(LANGUAGE_SHARES[lang] * len(runs))]
+        records = [{"text": "\n".join(item.texts[lang] for item in runs[i]), "lang": lang} for i in keep]
+        _write_text(directory / "docs-train" / lang, lang, records)
+        held_records = [{"text": "\n".join(item.texts[lang] for item in run), "lang": lang, "item": number.id}
+                        for number, run in held_runs]
+        _write_text(directory / "docs-val" / lang, lang, held_records)
 
 
 def _record(item: Item, text: str, lang: str) -> dict[str, object]:

@@ -2,7 +2,13 @@
 
 A sample is one ``json`` file ``{"text": str, "lang": str[, "label": int]}``
 (the monolingual text shard format of the design notes); each language has its
-own shards. For training, sentences are drawn language by language with
+own shards. A text of several lines is a document, one sentence per line (blank
+lines ignored): its sentences are encoded one by one and separated by ``eos``,
+as fairseq's mBART documents. In training, a document longer than a row
+continues in the language's next row, split between sentences; with ``pack:
+false`` a row never holds more than one document (mBART's training instances
+never cross a document boundary). In evaluation a row is one sample, cut at
+``max_length``. For training, sentences are drawn language by language with
 probability ``q_i ∝ p_i^alpha`` (Lample & Conneau 2019, "Cross-lingual Language
 Model Pretraining", sec. 3.1; Conneau et al. 2020 (XLM-R), sec. 2), where
 ``p_i`` is language ``i``'s share of the data, measured by the size of its
@@ -73,7 +79,11 @@ class _TextDecoder(DeterministicDecoder):
                 raise BadSample(f"json field 'label' is {label!r}, not an integer")
         except BadSample as err:
             return Skip(raw["__url__"], raw["__key__"], str(err))
-        return {"ids": self.tokenizer.encode(fields["text"]), "lang": fields["lang"], "label": label}
+        ids: list[int] = []
+        for line in fields["text"].split("\n"):  # a document: one sentence per line, </s> between them
+            if line.strip():
+                ids += [self.tokenizer.eos_id] * bool(ids) + self.tokenizer.encode(line.strip())
+        return {"ids": ids, "lang": fields["lang"], "label": label}
 
 
 class _Rows:
@@ -107,7 +117,10 @@ class LanguageSampledPipeline(IterableDataset):
     endlessly and every row draws its language with the probabilities
     ``probs``, then packs that language's next sentences; an epoch is
     ``epoch_samples`` rows per rank. Without (evaluation), every language's
-    samples are read once, language after language, one sentence per row.
+    samples are read once, language after language, one sample per row. A document (a sample
+    of several sentences) longer than a row continues in the language's next row, split
+    between sentences (fairseq's ``complete_doc`` blocks); only a single sentence longer
+    than a row is cut.
 
     Args:
         pipelines: ``{lang: ShardPipeline}`` whose ``decoded_samples`` give ``{"ids", "lang", "label"}``.
@@ -177,12 +190,15 @@ class LanguageSampledPipeline(IterableDataset):
                         yield sample
                         continue
                     seen_good.add(lang)
+                eos = self.collate.tokenizer.eos_id
+                room = budget if row is None else budget - len(row["ids"]) - 1
+                head, rest = leading_sentences(sample["ids"], room, eos, at_least_one=row is None)
                 if row is None:
-                    row = sample
-                elif len(row["ids"]) + 1 + len(sample["ids"]) <= budget:
-                    row = {**row, "ids": [*row["ids"], self.collate.tokenizer.eos_id, *sample["ids"]]}
-                else:
-                    pending[lang] = sample  # the next row of this language starts with it
+                    row = {**sample, "ids": head}
+                elif head:
+                    row = {**row, "ids": [*row["ids"], eos, *head]}
+                if rest:
+                    pending[lang] = {**sample, "ids": rest}  # the next row of this language starts with it
                     break
                 if not self.pack:
                     break
@@ -198,6 +214,26 @@ class LanguageSampledPipeline(IterableDataset):
                 f"{len(bad_shards)} shard(s) and no good one (last: {skip.id}: {skip.reason}); fix its shards "
                 "or drop it from the stream's 'languages'"
             )
+
+
+def leading_sentences(ids: list[int], room: int, eos: int, at_least_one: bool) -> tuple[list[int], list[int]]:
+    """Split a sample's ids (sentences separated by ``eos``) after its last whole sentence that fits in ``room``.
+
+    Returns:
+        ``(head, rest)`` without the ``eos`` between them; with ``at_least_one``, the head holds the first
+        sentence even when it alone is longer than ``room`` (the row's collate cuts it).
+    """
+    cut = None  # index of the eos (or end) after the head
+    for index, token in enumerate([*ids, eos]):
+        if token == eos:
+            if index > room and (cut is not None or not at_least_one):
+                break
+            cut = index
+            if index > room:
+                break
+    if cut is None:
+        return [], ids
+    return ids[:cut], ids[cut + 1 :]
 
 
 def language_shards(shards: str | Mapping[str, str], languages: Sequence[str] | None) -> dict[str, list[str]]:

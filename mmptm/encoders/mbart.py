@@ -15,9 +15,10 @@ pieces, so the embedding grows by one row per language); a tokenizer trained
 with language pieces (e.g. ``[en_XX]``) names their ids in ``language_token_ids``.
 
 Decoding (:meth:`MBart.generate`) forces the target language's id as the first
-decoder token and stops at ``</s>``: greedy or beam search with a KV cache (the
-self-attention keys/values grow by one position per step; the cross-attention
-keys/values of the source are computed once).
+decoder token and stops at ``</s>`` (a document of ``n`` sentences, which
+``</s>`` separates as in training, at its ``n``-th): greedy or beam search with
+a KV cache (the self-attention keys/values grow by one position per step; the
+cross-attention keys/values of the source are computed once).
 """
 
 from __future__ import annotations
@@ -291,6 +292,7 @@ class MBart(nn.Module):
         max_length: int | None = None,
         beam_size: int = 1,
         length_penalty: float = 1.0,
+        sentences: Sequence[int] | None = None,
     ) -> Generation:
         """Decode ``source`` into ``languages``: greedy (``beam_size=1``) or beam search, both with a KV cache.
 
@@ -301,13 +303,25 @@ class MBart(nn.Module):
             beam_size: hypotheses kept per row.
             length_penalty: a hypothesis scores ``sum log p / length ** length_penalty`` (0: no
                 normalisation; above 1 favours longer outputs).
+            sentences: the sentences of each row's output (None: one each). Sentences are
+                separated by ``</s>``, as in the training documents, so a row ends at its
+                ``sentences[row]``-th ``</s>`` (denoising keeps a document's sentence count).
 
         Returns:
             A :class:`Generation` (``logits`` only for greedy decoding).
         """
         if beam_size == 1:
-            return self.greedy_search(source, languages, max_length, length_penalty)
-        return self.beam_search(source, languages, beam_size, max_length, length_penalty)
+            return self.greedy_search(source, languages, max_length, length_penalty, sentences=sentences)
+        return self.beam_search(source, languages, beam_size, max_length, length_penalty, sentences)
+
+    def _sentences(self, sentences: Sequence[int] | None, rows: int, device: torch.device) -> torch.Tensor:
+        """``LongTensor[rows]``: the ``</s>`` that ends each row's output (``sentences``; default 1)."""
+        if sentences is None:
+            return torch.ones(rows, dtype=torch.long, device=device)
+        ends = torch.as_tensor(sentences, dtype=torch.long).to(device)
+        if ends.shape != (rows,) or bool((ends < 1).any()):
+            raise ValueError(f"sentences must hold one count >= 1 per source row ({rows}), got {list(sentences)}")
+        return ends
 
     def _max_length(self, max_length: int | None) -> int:
         """``max_length``, or the most the decoder's positions allow (the forced language id takes one)."""
@@ -327,11 +341,12 @@ class MBart(nn.Module):
         max_length: int | None = None,
         length_penalty: float = 1.0,
         use_cache: bool = True,
+        sentences: Sequence[int] | None = None,
     ) -> Generation:
-        """Pick the most likely token at every step until each row has produced ``</s>``.
+        """Pick the most likely token at every step until each row has produced its last ``</s>``.
 
         Args:
-            source / languages / max_length / length_penalty: as :meth:`generate`.
+            source / languages / max_length / length_penalty / sentences: as :meth:`generate`.
             use_cache: extend per-layer KV caches by one position per step; False recomputes the
                 decoder over the whole prefix at every step (the reference the cache must equal).
         """
@@ -339,6 +354,7 @@ class MBart(nn.Module):
         memory = self.encode(source)
         tokens = self.language_tokens(languages, source.device)[:, None]
         caches = [KVCache() for _ in self.decoder] if use_cache else None
+        ends_left = self._sentences(sentences, len(tokens), source.device)  # </s> still to produce per row
         finished = torch.zeros(len(tokens), dtype=torch.bool, device=source.device)
         total = torch.zeros(len(tokens), device=source.device)
         lengths = torch.zeros(len(tokens), device=source.device)
@@ -351,7 +367,8 @@ class MBart(nn.Module):
             total += torch.where(finished, 0.0, log_probs.gather(1, best[:, None]).squeeze(1))
             lengths += (~finished).float()
             tokens = torch.cat([tokens, torch.where(finished, self.pad_id, best)[:, None]], dim=1)
-            finished |= best == self.eos_id
+            ends_left -= ((best == self.eos_id) & ~finished).long()
+            finished |= ends_left == 0
             if finished.all():
                 break
         return Generation(tokens[:, 1:], total / lengths**length_penalty, torch.stack(step_logits, dim=1))
@@ -364,24 +381,28 @@ class MBart(nn.Module):
         beam_size: int = 4,
         max_length: int | None = None,
         length_penalty: float = 1.0,
+        sentences: Sequence[int] | None = None,
     ) -> Generation:
         """Beam search as fairseq's ``SequenceGenerator``: ``beam_size`` hypotheses per row, KV caches reordered.
 
         Every step ranks the ``2 * beam_size`` best extensions of a row's hypotheses by their
-        summed log-probability; an extension by ``</s>`` among the first ``beam_size`` is
-        finished (scored ``sum log p / length ** length_penalty``), the best other extensions
-        are the next hypotheses. A row is done when it has ``beam_size`` finished hypotheses;
-        at ``max_length`` the open ones of a row not done join its finished ones as they are.
-        The best finished hypothesis wins. With ``beam_size=1`` this is greedy decoding.
+        summed log-probability; an extension by the hypothesis's last ``</s>`` (see ``sentences``)
+        among the first ``beam_size`` is finished (scored ``sum log p / length ** length_penalty``),
+        the best other extensions are the next hypotheses. A row is done when it has
+        ``beam_size`` finished hypotheses; at ``max_length`` the open ones of a row not done
+        join its finished ones as they are. The best finished hypothesis wins. With
+        ``beam_size=1`` this is greedy decoding.
 
         Args:
-            source / languages / max_length / length_penalty: as :meth:`generate`.
+            source / languages / max_length / length_penalty / sentences: as :meth:`generate`.
             beam_size: hypotheses kept per row.
         """
         max_length = self._max_length(max_length)
         if beam_size < 1:
             raise ValueError(f"beam_size must be at least 1, got {beam_size}")
         batch, device = source.shape[0], source.device
+        ends = self._sentences(sentences, batch, device).tolist()
+        ends_seen = [0] * (batch * beam_size)  # the </s> each hypothesis holds
         memory = self.encode(source).repeat_rows(beam_size)
         tokens = self.language_tokens(languages, device).repeat_interleave(beam_size)[:, None]
         caches = [KVCache() for _ in self.decoder]
@@ -399,7 +420,10 @@ class MBart(nn.Module):
             for row, (beams, row_tokens, row_scores) in enumerate(ranked):
                 extended: list[tuple[int, int, float]] = []
                 if len(finished[row]) < beam_size:
-                    extended, ended = _split_extensions(beams, row_tokens, row_scores, beam_size, self.eos_id)
+                    # </s> ends the hypotheses at their last sentence; elsewhere it is a separator like any token
+                    end_id = [self.eos_id if ends_seen[row * beam_size + beam] + 1 == ends[row] else -1
+                              for beam in range(beam_size)]
+                    extended, ended = _split_extensions(beams, row_tokens, row_scores, beam_size, end_id)
                     for beam, score in ended[: beam_size - len(finished[row])]:
                         prefix = tokens[row * beam_size + beam, 1:].tolist()
                         finished[row].append((score / (step + 1) ** length_penalty, [*prefix, self.eos_id]))
@@ -413,6 +437,7 @@ class MBart(nn.Module):
             index = torch.tensor(rows, device=device)
             for cache in caches:
                 cache.reorder(index)
+            ends_seen = [ends_seen[h] + (token == self.eos_id) for h, token in zip(rows, next_tokens, strict=True)]
             tokens = torch.cat([tokens[index], torch.tensor(next_tokens, device=device)[:, None]], dim=1)
             scores = torch.tensor(next_scores, device=device).view(batch, beam_size)
             if all(len(done) >= beam_size for done in finished):
@@ -433,21 +458,24 @@ class MBart(nn.Module):
 
 
 def _split_extensions(
-    beams: Sequence[int], tokens: Sequence[int], scores: Sequence[float], beam_size: int, eos_id: int
+    beams: Sequence[int], tokens: Sequence[int], scores: Sequence[float], beam_size: int, end_id: Sequence[int]
 ) -> tuple[list[tuple[int, int, float]], list[tuple[int, float]]]:
     """One row's ranked extensions (best first) -> the next hypotheses and the finished ones.
 
+    Args:
+        end_id: per beam, the id that finishes it (``</s>`` at its last sentence; -1: none).
+
     Returns:
         ``(extended, ended)``: up to ``beam_size`` ``(beam, token, score)`` extensions by a token
-        other than ``</s>``, and the ``(beam, score)`` of the extensions by ``</s>`` ranked among the
-        first ``beam_size`` (fairseq's rule: a ``</s>`` ranked lower would not survive the beam).
+        that does not finish the beam, and the ``(beam, score)`` of the finishing extensions ranked among
+        the first ``beam_size`` (fairseq's rule: a ``</s>`` ranked lower would not survive the beam).
     """
     extended: list[tuple[int, int, float]] = []
     ended: list[tuple[int, float]] = []
     for rank, (beam, token, score) in enumerate(zip(beams, tokens, scores, strict=True)):
         if score == float("-inf") or len(extended) == beam_size:
             break
-        if token != eos_id:
+        if token != end_id[beam]:
             extended.append((beam, token, score))
         elif rank < beam_size:
             ended.append((beam, score))
