@@ -290,8 +290,18 @@ def test_registered_evaluators_run_in_eval_tasks(tmp_path, demo):
                                                  "{name: caption_norm_for_test, text: x}]"])
         with pytest.raises(mmptm.ConfigError, match=r"'eval.tasks.0.prefix' must be a name"):
             mmptm.load_config("clip_tiny.yaml", ["eval.tasks=[{name: caption_norm_for_test, prefix: a/b}]"])
+        # Two evaluators that return the same metric name: refused when they first run, not overwritten.
+        mmptm.register_evaluator("caption_norm_twin_for_test")(caption_norm)
+        from mmptm.training.trainer import Trainer
+
+        overrides = [*TINY, "eval.zeroshot=null",
+                     "eval.tasks=[{name: caption_norm_for_test}, {name: caption_norm_twin_for_test}]"]
+        trainer = Trainer(mmptm.load_config("clip_tiny.yaml", overrides), output_dir=tmp_path / "twin")
+        with pytest.raises(ValueError, match=r"eval.tasks.1 \('caption_norm_twin_for_test'\) logs 'eval/text_norm'"):
+            trainer._evaluate_tasks()
     finally:
         EVALUATORS._entries.pop("caption_norm_for_test", None)
+        EVALUATORS._entries.pop("caption_norm_twin_for_test", None)
 
 
 def test_cpu_offload_without_gpus_is_rejected_with_the_reason(demo):

@@ -514,11 +514,17 @@ class Trainer:
         was_training = model.training
         model.eval()
         try:
-            for task in self.config.eval.tasks:
+            for index, task in enumerate(self.config.eval.tasks):
                 options = {k: v for k, v in task.items() if k != "prefix"}
                 prefix = f"{task['prefix']}/" if task.get("prefix") else ""
                 result = build(EVALUATORS, options, model=model, context=context)
-                metrics.update({f"eval/{prefix}{key}": value for key, value in result.items()})
+                named = {f"eval/{prefix}{key}": value for key, value in result.items()}
+                if clash := sorted(set(named) & set(metrics)):
+                    raise ValueError(
+                        f"eval.tasks.{index} ('{task['name']}') logs '{clash[0]}', as an earlier task does: it would "
+                        "overwrite that task's metric; give one of them a distinct 'prefix' (eval/<prefix>/<metric>)"
+                    )
+                metrics.update(named)
         finally:
             model.train(was_training)
         return metrics
