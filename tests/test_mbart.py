@@ -435,8 +435,9 @@ def test_denoise_evaluator_on_held_out_sentences(tokenizer):
     assert metrics["denoise_em"] == metrics["denoise_em/fr"] == 0  # untrained
     assert metrics == denoise(model, context, data="demo:text_val", languages=["fr"], max_sentences=12,
                               max_length=8, batch_size=4)
-    beam = denoise(model, context, languages=["fr"], max_sentences=3, max_length=6, beam_size=2)
-    assert 0 <= beam["denoise_chrf"] <= 100
+    beam = denoise(model, context, languages=["fr"], max_sentences=3, max_length=6, beam_size=2)  # documents
+    assert set(beam) == set(metrics) and 0 < beam["denoise_copy_chrf"] < 100
+    assert beam["denoise_em"] == beam["denoise_sentence_em"] == 0  # untrained, and 6 tokens cannot hold 4 sentences
 
 
 def test_denoise_evaluator_scores_whole_documents(monkeypatch):

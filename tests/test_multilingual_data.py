@@ -208,7 +208,7 @@ def test_demo_documents_are_runs_of_consecutive_numbers_held_out_apart(corpus):
                                                         (corpus / "docs-train" / "tr").glob("*.tar")) > 1000
     for lang in MULTILINGUAL_LANGUAGES:
         val = json_records(next((corpus / "docs-val" / lang).glob("*.tar")))
-        assert len(val) == len(held) == 1000
+        assert len(val) == len(held) == len({record["text"] for record in val}) == 1000  # one each, no repeats
         for record in val:
             run = numbers(record)
             assert run == list(range(run[0], run[0] + 4)) and int(record["item"].split("/")[1]) in run

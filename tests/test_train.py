@@ -299,9 +299,16 @@ def test_registered_evaluators_run_in_eval_tasks(tmp_path, demo):
         trainer = Trainer(mmptm.load_config("clip_tiny.yaml", overrides), output_dir=tmp_path / "twin")
         with pytest.raises(ValueError, match=r"eval.tasks.1 \('caption_norm_twin_for_test'\) logs 'eval/text_norm'"):
             trainer._evaluate_tasks()
+        # A task that logs a name of the zero-shot evaluation: refused too.
+        mmptm.register_evaluator("num_images_for_test")(lambda model, context: {"num_images": 1.0})
+        overrides = [*TINY, "eval.tasks=[{name: num_images_for_test}]"]
+        trainer = Trainer(mmptm.load_config("clip_tiny.yaml", overrides), output_dir=tmp_path / "builtin")
+        with pytest.raises(ValueError, match=r"eval.tasks.0 .* logs 'eval/num_images', as eval.zeroshot or eval"):
+            trainer.evaluate()
     finally:
         EVALUATORS._entries.pop("caption_norm_for_test", None)
         EVALUATORS._entries.pop("caption_norm_twin_for_test", None)
+        EVALUATORS._entries.pop("num_images_for_test", None)
 
 
 def test_cpu_offload_without_gpus_is_rejected_with_the_reason(demo):

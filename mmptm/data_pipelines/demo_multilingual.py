@@ -21,9 +21,9 @@ Single sentences of this corpus cannot be reconstructed once 35% of their words
 are masked (a masked "twenty" has nine equally good fillings; see
 ``examples/denoise_ceiling.py``); in a document the neighbours fix the missing
 words, as context does in natural text. Training documents hold training
-numbers only; each held-out document holds one held-out number (at a random
-place in the run), so the held-out sentences of the other splits are in no
-training document either.
+numbers only; each held-out document is built around one held-out number (at
+a random place in the run; no two alike), so the held-out sentences of the
+other splits are in no training document either.
 
 Layout of ``$MMPTM_CACHE/demo-multilingual-v2``::
 
@@ -222,8 +222,10 @@ def number_documents(
 ) -> tuple[list[list[Item]], list[tuple[Item, list[Item]]]]:
     """Runs of ``DOCUMENT_SENTENCES`` consecutive numbers: ``(training runs, [(held-out number, its run)])``.
 
-    The training runs are every run of training numbers only; each held-out number gets one run
-    that holds it at a uniformly drawn place (within 0..NUM_NUMBERS - 1).
+    The training runs are every run of training numbers only. Each held-out number gets a run
+    that holds it at a uniformly drawn place (within 0..NUM_NUMBERS - 1) among the runs no
+    earlier held-out number took, so no held-out run repeats; a number whose runs are all
+    taken (by close held-out neighbours) gets none. A held-out run may hold other held-out numbers.
     """
     numbers = {int(item.id.split("/")[1]): item for item in (*train, *held_out) if item.label is not None}
     held = {int(item.id.split("/")[1]) for item in held_out if item.label is not None}
@@ -234,9 +236,13 @@ def number_documents(
         if held.isdisjoint(range(start, start + size))
     ]
     held_runs = []
+    taken: set[int] = set()
     for number in sorted(held):
-        start = min(max(number - int(rng.integers(size)), 0), len(numbers) - size)
-        held_runs.append((numbers[number], [numbers[n] for n in range(start, start + size)]))
+        starts = sorted({min(max(number - offset, 0), len(numbers) - size) for offset in range(size)} - taken)
+        if starts:
+            start = starts[int(rng.integers(len(starts)))]
+            taken.add(start)
+            held_runs.append((numbers[number], [numbers[n] for n in range(start, start + size)]))
     return runs, held_runs
 
 

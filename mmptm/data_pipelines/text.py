@@ -4,11 +4,12 @@ A sample is one ``json`` file ``{"text": str, "lang": str[, "label": int]}``
 (the monolingual text shard format of the design notes); each language has its
 own shards. A text of several lines is a document, one sentence per line (blank
 lines ignored): its sentences are encoded one by one and separated by ``eos``,
-as fairseq's mBART documents. In training, a document longer than a row
-continues in the language's next row, split between sentences; with ``pack:
-false`` a row never holds more than one document (mBART's training instances
-never cross a document boundary). In evaluation a row is one sample, cut at
-``max_length``. For training, sentences are drawn language by language with
+as fairseq's mBART documents. In training, a document that does not fit in
+what is left of a row fills it with its leading sentences and continues in the
+language's next row (split between sentences, never inside one); with ``pack:
+false`` a row holds at most one document and only a document longer than a row
+is split (mBART's training instances never cross a document boundary). In
+evaluation a row is one sample, cut at ``max_length``. For training, sentences are drawn language by language with
 probability ``q_i ∝ p_i^alpha`` (Lample & Conneau 2019, "Cross-lingual Language
 Model Pretraining", sec. 3.1; Conneau et al. 2020 (XLM-R), sec. 2), where
 ``p_i`` is language ``i``'s share of the data, measured by the size of its
@@ -117,10 +118,11 @@ class LanguageSampledPipeline(IterableDataset):
     endlessly and every row draws its language with the probabilities
     ``probs``, then packs that language's next sentences; an epoch is
     ``epoch_samples`` rows per rank. Without (evaluation), every language's
-    samples are read once, language after language, one sample per row. A document (a sample
-    of several sentences) longer than a row continues in the language's next row, split
-    between sentences (fairseq's ``complete_doc`` blocks); only a single sentence longer
-    than a row is cut.
+    samples are read once, language after language, one sample per row. In training, a
+    document (a sample of several sentences) that does not fit in what is left of a row
+    continues in the language's next row, split between sentences (with ``pack`` off: only
+    one longer than a row, as fairseq's ``complete_doc`` blocks); only a single sentence
+    longer than a row is cut.
 
     Args:
         pipelines: ``{lang: ShardPipeline}`` whose ``decoded_samples`` give ``{"ids", "lang", "label"}``.

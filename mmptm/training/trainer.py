@@ -487,7 +487,8 @@ class Trainer:
         metrics: dict[str, float] = {}
         if self.is_main or self.sharded:
             try:
-                metrics = {**self._evaluate_zeroshot(), **self._evaluate_retrieval(), **self._evaluate_tasks()}
+                builtin = {**self._evaluate_zeroshot(), **self._evaluate_retrieval()}  # distinct names
+                metrics = {**builtin, **self._evaluate_tasks(builtin)}
             except _EvaluationInterrupted:
                 logger.warning("received %s during evaluation at step %d: evaluation abandoned",
                                self.stopped_by, self.step)
@@ -497,8 +498,13 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         return metrics
 
-    def _evaluate_tasks(self) -> dict[str, float]:
-        """The registered evaluators of ``eval.tasks``, each on the unwrapped model in eval mode."""
+    def _evaluate_tasks(self, builtin: dict[str, float] | None = None) -> dict[str, float]:
+        """The registered evaluators of ``eval.tasks``, each on the unwrapped model in eval mode.
+
+        Raises:
+            ValueError: a task logs a metric name that an earlier task, or ``builtin`` (the zero-shot
+                and retrieval metrics), already holds.
+        """
         if not self.config.eval.tasks:
             return {}
         model = self.accelerator.unwrap_model(self.model)
@@ -519,10 +525,11 @@ class Trainer:
                 prefix = f"{task['prefix']}/" if task.get("prefix") else ""
                 result = build(EVALUATORS, options, model=model, context=context)
                 named = {f"eval/{prefix}{key}": value for key, value in result.items()}
-                if clash := sorted(set(named) & set(metrics)):
+                if clash := sorted(set(named) & (set(metrics) | set(builtin or ()))):
+                    source = "an earlier task" if clash[0] in metrics else "eval.zeroshot or eval.retrieval"
                     raise ValueError(
-                        f"eval.tasks.{index} ('{task['name']}') logs '{clash[0]}', as an earlier task does: it would "
-                        "overwrite that task's metric; give one of them a distinct 'prefix' (eval/<prefix>/<metric>)"
+                        f"eval.tasks.{index} ('{task['name']}') logs '{clash[0]}', as {source} does: it would "
+                        "overwrite that metric; give the task a distinct 'prefix' (eval/<prefix>/<metric>)"
                     )
                 metrics.update(named)
         finally:
