@@ -3,7 +3,8 @@
 The pipeline is mmptm's ``image_text`` dataset as a bundled config sets it up
 (``--config``: its ``data.train`` section, tokenizer and image size, training
 augmentation): tar reading, shuffle buffer, image decode, random resized crop,
-normalisation, caption choice, batched tokenisation and collation, through a
+normalisation (or, with the config's ``uint8_images`` as in ``clip_base``, none:
+the model normalises on its device), caption choice, batched tokenisation and collation, through a
 ``DataLoader``. The bare loop reads the same shards through the same
 ``DataLoader`` split and only decodes each image (PIL, to RGB); it is the
 floor below which no image pipeline can go. Each epoch reads every sample

@@ -133,6 +133,27 @@ def test_grad_checkpointing_gives_the_same_outputs_and_gradients():
         torch.testing.assert_close(p.grad, q.grad, msg=name)
 
 
+def test_uint8_pixels_are_normalised_with_the_towers_mean_and_std():
+    from mmptm.data_pipelines.transforms import normalize_pixels
+
+    torch.manual_seed(0)
+    model = tiny_clip()
+    pixels = torch.randint(0, 256, (4, 3, 32, 32), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    floats = normalize_pixels(pixels, model.image_mean, model.image_std)
+    expected = (pixels.float() / 255 - torch.tensor(model.image_mean).view(3, 1, 1)) / torch.tensor(
+        model.image_std).view(3, 1, 1)
+    torch.testing.assert_close(floats, expected)
+    assert torch.equal(model.encode_image(pixels), model.encode_image(floats))
+    text = tokens()
+    for sub_batch in (None, 2):  # GradCache's chunks too; the loss and every gradient as with float input
+        grads = []
+        for image in (pixels, floats):
+            model.zero_grad()
+            contrastive_loss(model(image, text, sub_batch=sub_batch)).backward()
+            grads.append([p.grad.clone() for p in model.parameters()])
+        assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+
+
 def test_logit_scale_is_clamped_at_max_logit_scale():
     model = tiny_clip(init_logit_scale=10.0, max_logit_scale=100.0)
     assert model(text=tokens())["logit_scale"].item() == pytest.approx(100.0)

@@ -20,7 +20,7 @@ from mmptm.data_pipelines.context import DataContext
 from mmptm.data_pipelines.image_text import image_text
 from mmptm.data_pipelines.shards import open_tar_writer, write_shards
 from mmptm.data_pipelines.streams import ShardStream, resolve_shards
-from mmptm.data_pipelines.transforms import image_transform, random_resized_crop_box
+from mmptm.data_pipelines.transforms import image_transform, normalize_pixels, random_resized_crop_box
 from mmptm.registry import DATASETS, build
 
 CONTEXT_LENGTH = 12
@@ -362,6 +362,24 @@ def test_eval_transform_is_deterministic_and_normalises():
     random_crop = image_transform(8, mean, std, training=True, scale=(0.1, 0.3))
     crops = [random_crop(square) for _ in range(5)]
     assert all(c.shape == (3, 8, 8) for c in crops) and any(not torch.equal(crops[0], c) for c in crops[1:])
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_uint8_images_normalised_later_are_the_float_images_bit_for_bit(shard_dir, training):
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    image = Image.frombytes("RGB", (40, 30), bytes(range(256)) * 14 + bytes(range(3600 - 256 * 14)))
+    pixels = image_transform(16, mean, std, training, scale=(0.3, 0.6), uint8=True)(image, random.Random(3))
+    floats = image_transform(16, mean, std, training, scale=(0.3, 0.6))(image, random.Random(3))
+    assert pixels.dtype == torch.uint8 and pixels.shape == (3, 16, 16)
+    assert torch.equal(normalize_pixels(pixels, mean, std), floats)
+    # The stream: uint8 batches, the same samples and crops as the float stream (same seed).
+    context = make_context(training=training, image_mean=mean, image_std=std)
+    as_uint8 = read_epoch(image_text(context, str(shard_dir), batch_size=8, num_workers=0, uint8_images=True))[2]
+    as_float = read_epoch(image_text(context, str(shard_dir), batch_size=8, num_workers=0))[2]
+    assert [b["key"] for b in as_uint8] == [b["key"] for b in as_float]
+    for small, big in zip(as_uint8, as_float, strict=True):
+        assert small["image"].dtype == torch.uint8
+        assert torch.equal(normalize_pixels(small["image"], mean, std), big["image"])
 
 
 def test_transforms_match_torchvision() -> None:

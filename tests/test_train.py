@@ -311,6 +311,16 @@ def test_registered_evaluators_run_in_eval_tasks(tmp_path, demo):
         EVALUATORS._entries.pop("num_images_for_test", None)
 
 
+def test_uint8_image_batches_train_exactly_as_float_ones(tmp_path, demo):
+    overrides = [*TINY, "train.max_steps=3", "train.log_every=1", "eval.zeroshot=null", "data.train.num_workers=0"]
+    losses = {}
+    for uint8 in (False, True):
+        config = mmptm.load_config("clip_tiny.yaml", [*overrides, f"data.train.uint8_images={str(uint8).lower()}"])
+        mmptm.train(config, output_dir=tmp_path / str(uint8))
+        losses[uint8] = [r["train/loss"] for r in read_metrics(tmp_path / str(uint8)) if "train/loss" in r]
+    assert len(losses[True]) == 3 and losses[True] == losses[False]  # normalised on the model's side, bit for bit
+
+
 def test_cpu_offload_without_gpus_is_rejected_with_the_reason(demo):
     config = mmptm.load_config("clip_tiny.yaml", [*TINY, "distributed.strategy=fsdp", "distributed.cpu_offload=true"])
     with pytest.raises(mmptm.ConfigError, match="needs distributed.strategy=fsdp and GPUs"):

@@ -60,7 +60,10 @@ class ImageTransform:
     (torchvision's ``Resize`` + ``CenterCrop``, bit for bit open_clip's). There
     is no horizontal flip: text and digits in images are not flip-invariant.
     The uint8 pixels become normalised floats in one fused pass (what
-    ``ToTensor`` + ``Normalize`` do in five).
+    ``ToTensor`` + ``Normalize`` do in five), or with ``uint8`` stay uint8 for
+    the model to normalise on its device (:func:`normalize_pixels` is that step):
+    a quarter of the bytes to collate, pin and copy, and no float work in the
+    data workers.
 
     Args:
         image_size: side ``S`` of the square output.
@@ -69,6 +72,7 @@ class ImageTransform:
         training: random crops (True) or the deterministic resize + centre crop (False).
         scale: area range of the random crop, as a fraction of the image.
         ratio: aspect ratio range of the random crop.
+        uint8: return the uint8 pixels ``[3, S, S]``, not normalised.
     """
 
     def __init__(
@@ -79,14 +83,14 @@ class ImageTransform:
         training: bool,
         scale: tuple[float, float] = (0.9, 1.0),
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        uint8: bool = False,
     ) -> None:
         self.image_size = image_size
         self.training = training
+        self.uint8 = uint8
         self.scale = tuple(scale)
         self.ratio = tuple(ratio)
-        # (x / 255 - mean) / std = x * gain + offset
-        self.gain = torch.tensor([1 / (255 * s) for s in std]).view(3, 1, 1)
-        self.offset = torch.tensor([-m / s for m, s in zip(mean, std, strict=True)]).view(3, 1, 1)
+        self.gain, self.offset = normalization_affine(mean, std)
         self._eval_geometry = None
         if not training:
             # Imported here: torchvision takes seconds to import, and configs are validated without it.
@@ -116,7 +120,22 @@ class ImageTransform:
             crop = torch.from_numpy(np.array(image))[top:bottom, left:right].permute(2, 0, 1)
             size = (self.image_size, self.image_size)
             pixels = F.interpolate(crop[None], size=size, mode="bicubic", antialias=True)[0]
-        return torch.addcmul(self.offset, pixels.float(), self.gain)
+        return pixels if self.uint8 else torch.addcmul(self.offset, pixels.float(), self.gain)
+
+
+def normalization_affine(
+    mean: Sequence[float], std: Sequence[float], device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(gain, offset)``, each ``[3, 1, 1]``, with ``(x / 255 - mean) / std = x * gain + offset``."""
+    gain = torch.tensor([1 / (255 * s) for s in std], device=device).view(3, 1, 1)
+    offset = torch.tensor([-m / s for m, s in zip(mean, std, strict=True)], device=device).view(3, 1, 1)
+    return gain, offset
+
+
+def normalize_pixels(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 pixels ``[..., 3, H, W]`` -> what :class:`ImageTransform` returns without ``uint8``, bit for bit."""
+    gain, offset = normalization_affine(mean, std, pixels.device)
+    return torch.addcmul(offset, pixels.float(), gain)
 
 
 def image_transform(
@@ -126,11 +145,12 @@ def image_transform(
     training: bool,
     scale: tuple[float, float] = (0.9, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    uint8: bool = False,
 ) -> ImageTransform:
     """Build the train or eval transform of a vision tower (see :class:`ImageTransform` for the arguments).
 
     Returns:
         A callable mapping a PIL image (any mode), and optionally a ``random.Random``
-        for the training crop, to a float tensor ``[3, image_size, image_size]``.
+        for the training crop, to a float tensor ``[3, image_size, image_size]`` (``uint8``: uint8 pixels).
     """
-    return ImageTransform(image_size, mean, std, training, scale, ratio)
+    return ImageTransform(image_size, mean, std, training, scale, ratio, uint8)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmptm.data_pipelines.transforms import normalize_pixels
 from mmptm.encoders.layers import grad_cached
 from mmptm.encoders.towers import build_tower, load_tower_weights
 from mmptm.registry import TowerSpec, register_model
@@ -135,7 +136,14 @@ class CLIP(nn.Module):
         self.text.set_grad_checkpointing(enable)
 
     def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        """Image features ``[B, embed_dim]``, unit-length if ``normalize``."""
+        """Image features ``[B, embed_dim]``, unit-length if ``normalize``.
+
+        ``image``: the vision tower's input, or uint8 pixels ``[B, 3, H, W]`` (an ``image_text`` stream
+        with ``uint8_images``), normalised here with the tower's ``image_mean`` / ``image_std``, on
+        their device, exactly as the stream's float transform would have.
+        """
+        if image.dtype == torch.uint8:
+            image = normalize_pixels(image, self.image_mean, self.image_std)
         features = self.visual(image)
         return F.normalize(features, dim=-1) if normalize else features
 
