@@ -81,9 +81,8 @@ class _TextDecoder(DeterministicDecoder):
         except BadSample as err:
             return Skip(raw["__url__"], raw["__key__"], str(err))
         ids: list[int] = []
-        for line in fields["text"].split("\n"):  # a document: one sentence per line, </s> between them
-            if line.strip():
-                ids += [self.tokenizer.eos_id] * bool(ids) + self.tokenizer.encode(line.strip())
+        for line in filter(None, map(str.strip, fields["text"].split("\n"))):  # a document: a sentence per line
+            ids += [self.tokenizer.eos_id] * bool(ids) + self.tokenizer.encode(line)  # </s> between sentences
         return {"ids": ids, "lang": fields["lang"], "label": label}
 
 
@@ -179,6 +178,7 @@ class LanguageSampledPipeline(IterableDataset):
         languages, weights = list(self.probs), list(self.probs.values())
         quota = self.epoch_samples // num_workers + (worker < self.epoch_samples % num_workers)
         budget = self.max_length - 2  # pieces and separators between bos and the final eos
+        eos = self.collate.tokenizer.eos_id
         for _ in range(quota):
             lang = rng.choices(languages, weights)[0]
             row: dict[str, Any] | None = None
@@ -192,7 +192,6 @@ class LanguageSampledPipeline(IterableDataset):
                         yield sample
                         continue
                     seen_good.add(lang)
-                eos = self.collate.tokenizer.eos_id
                 room = budget if row is None else budget - len(row["ids"]) - 1
                 head, rest = leading_sentences(sample["ids"], room, eos, at_least_one=row is None)
                 if row is None:
@@ -225,17 +224,10 @@ def leading_sentences(ids: list[int], room: int, eos: int, at_least_one: bool) -
         ``(head, rest)`` without the ``eos`` between them; with ``at_least_one``, the head holds the first
         sentence even when it alone is longer than ``room`` (the row's collate cuts it).
     """
-    cut = None  # index of the eos (or end) after the head
-    for index, token in enumerate([*ids, eos]):
-        if token == eos:
-            if index > room and (cut is not None or not at_least_one):
-                break
-            cut = index
-            if index > room:
-                break
-    if cut is None:
-        return [], ids
-    return ids[:cut], ids[cut + 1 :]
+    ends = [index for index, token in enumerate(ids) if token == eos] + [len(ids)]  # each sentence's end
+    fitting = [end for end in ends if end <= room]
+    cut = fitting[-1] if fitting else ends[0] if at_least_one else None
+    return ([], ids) if cut is None else (ids[:cut], ids[cut + 1 :])
 
 
 def language_shards(shards: str | Mapping[str, str], languages: Sequence[str] | None) -> dict[str, list[str]]:

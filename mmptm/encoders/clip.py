@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmptm.data_pipelines.transforms import normalize_pixels
+from mmptm.data_pipelines.transforms import normalization_affine
 from mmptm.encoders.layers import grad_cached
 from mmptm.encoders.towers import build_tower, load_tower_weights
 from mmptm.registry import TowerSpec, register_model
@@ -75,6 +75,11 @@ class CLIP(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
         self.logit_bias = None if init_logit_bias is None else nn.Parameter(torch.tensor(float(init_logit_bias)))
         self.max_logit_scale = max_logit_scale
+        # uint8 pixels -> the tower's normalised input, on the model's device without a per-step copy
+        if hasattr(self.visual, "image_mean") and hasattr(self.visual, "image_std"):
+            gain, offset = normalization_affine(self.visual.image_mean, self.visual.image_std)
+            self.register_buffer("pixel_gain", gain, persistent=False)
+            self.register_buffer("pixel_offset", offset, persistent=False)
 
     @property
     def image_size(self) -> int:
@@ -143,7 +148,9 @@ class CLIP(nn.Module):
         their device, exactly as the stream's float transform would have.
         """
         if image.dtype == torch.uint8:
-            image = normalize_pixels(image, self.image_mean, self.image_std)
+            if not hasattr(self, "pixel_gain"):
+                raise ValueError("uint8 images need a vision tower with image_mean and image_std to normalise them")
+            image = torch.addcmul(self.pixel_offset.float(), image.float(), self.pixel_gain.float())
         features = self.visual(image)
         return F.normalize(features, dim=-1) if normalize else features
 
