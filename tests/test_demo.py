@@ -9,7 +9,6 @@ import re
 import subprocess
 import sys
 import tarfile
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -35,16 +34,10 @@ NUM_DIGITS = 1797
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory) -> tuple[DemoPaths, float]:
-    """The demo with seed 0, built once, in a cache folder laid out like $MMPTM_CACHE."""
-    start = time.perf_counter()
-    paths = ensure_demo(tmp_path_factory.mktemp("cache") / "demo-v2", seed=0)
-    return paths, time.perf_counter() - start
-
-
-@pytest.fixture(scope="module")
-def paths(built) -> DemoPaths:
-    return built[0]
+def paths(tmp_path_factory) -> DemoPaths:
+    """The demo with seed 0, built once, in a cache folder laid out like $MMPTM_CACHE
+    (its build time is measured by ``benchmarks/demo_build.py``, not here)."""
+    return ensure_demo(tmp_path_factory.mktemp("cache") / "demo-v2", seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +63,7 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(root.iterdir())}
 
 
-def test_builds_quickly_with_the_documented_layout(built):
-    paths, seconds = built
-    assert seconds < 30
+def test_builds_with_the_documented_layout(paths):
     assert paths.train_shards == str(paths.root / "train-{000000..000002}.tar")
     assert paths.val_shards == str(paths.root / "val-000000.tar")
     assert sorted(p.name for p in paths.root.iterdir()) == [
