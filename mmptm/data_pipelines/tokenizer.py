@@ -12,8 +12,10 @@ Multilingual training corpora are re-balanced with temperature-based language
 sampling (:mod:`mmptm.data_pipelines.language_sampling`).
 
 Models imported from OpenCLIP or Hugging Face keep their own tokenizer
-(:class:`~mmptm.data_pipelines.clip_bpe.ClipBPETokenizer`); :func:`load_tokenizer`
-opens either kind from the files a checkpoint stores (:data:`TOKENIZER_FILES`).
+(:class:`~mmptm.data_pipelines.clip_bpe.ClipBPETokenizer` for CLIP,
+:class:`~mmptm.data_pipelines.wordpiece.WordPieceTokenizer` for BERT-based fusion models,
+:class:`~mmptm.data_pipelines.fairseq_spm.FairseqSentencePieceTokenizer` for XLM-R and mBART);
+:func:`load_tokenizer` opens any kind from the files a checkpoint stores (:data:`TOKENIZER_FILES`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from mmptm.data_pipelines.language_sampling import sample_by_language
 
 if TYPE_CHECKING:
     from mmptm.data_pipelines.clip_bpe import ClipBPETokenizer
+    from mmptm.data_pipelines.fairseq_spm import FairseqSentencePieceTokenizer
     from mmptm.data_pipelines.wordpiece import WordPieceTokenizer
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -48,7 +51,9 @@ VOCAB_FILENAME, MERGES_FILENAME = "vocab.json", "merges.txt"
 # Every file a tokenizer's `save` may write into a checkpoint directory.
 # BERT's WordPiece vocabulary (fusion models imported from Hugging Face), with its casing option.
 WORDPIECE_FILES = ("vocab.txt", "tokenizer_config.json")
-TOKENIZER_FILES = (MODEL_FILENAME, VOCAB_FILENAME, MERGES_FILENAME, *WORDPIECE_FILES)
+# A sentencepiece model in fairseq's id layout (XLM-R, mBART), named as Hugging Face names it.
+FAIRSEQ_MODEL_FILENAME = "sentencepiece.bpe.model"
+TOKENIZER_FILES = (MODEL_FILENAME, VOCAB_FILENAME, MERGES_FILENAME, *WORDPIECE_FILES, FAIRSEQ_MODEL_FILENAME)
 # Sentences whose language is unknown (a plain text list, a record without one).
 UNKNOWN_LANGUAGE = "und"
 
@@ -333,7 +338,7 @@ def as_id_list(ids: Sequence[int] | torch.Tensor) -> list[int]:
 
 def load_tokenizer(
     directory_or_file: str | os.PathLike, context_length: int = 77
-) -> SentencePieceTokenizer | ClipBPETokenizer | WordPieceTokenizer:
+) -> SentencePieceTokenizer | ClipBPETokenizer | WordPieceTokenizer | FairseqSentencePieceTokenizer:
     """Open the tokenizer stored in a checkpoint directory or file, whichever kind it is.
 
     Accepted layouts:
@@ -344,7 +349,11 @@ def load_tokenizer(
       (Hugging Face's CLIPTokenizer files, what :meth:`ClipBPETokenizer.save` writes), or
       open_clip's ``.txt.gz`` merges file (``bpe_simple_vocab_16e6.txt.gz``) -> ``ClipBPETokenizer``;
     - BERT's WordPiece vocabulary: a ``vocab.txt`` file, or a directory holding one (and optionally
-      Hugging Face's ``tokenizer_config.json`` with ``do_lower_case``) -> ``WordPieceTokenizer``.
+      Hugging Face's ``tokenizer_config.json`` with ``do_lower_case``) -> ``WordPieceTokenizer``;
+    - XLM-R's or mBART's sentencepiece model in fairseq's id layout: a directory holding
+      ``sentencepiece.bpe.model`` (a Hugging Face folder, or what
+      :meth:`~mmptm.data_pipelines.fairseq_spm.FairseqSentencePieceTokenizer.save` writes), or that
+      file itself -> ``FairseqSentencePieceTokenizer`` (language codes from ``tokenizer_config.json``).
 
     Args:
         directory_or_file: the directory or file.
@@ -355,19 +364,23 @@ def load_tokenizer(
 
     Raises:
         FileNotFoundError: the path does not exist or matches none of the layouts.
-        ValueError: a directory holds both a sentencepiece model and a CLIP vocabulary.
+        ValueError: a directory holds two kinds of tokenizer.
     """
-    # clip_bpe builds on this module's helpers, so it is imported only when needed.
+    # These build on this module's helpers, so they are imported only when needed.
     from mmptm.data_pipelines.clip_bpe import ClipBPETokenizer
+    from mmptm.data_pipelines.fairseq_spm import load_fairseq_tokenizer
     from mmptm.data_pipelines.wordpiece import WordPieceTokenizer
 
     path = Path(directory_or_file)
     wordpiece_vocab = WORDPIECE_FILES[0]
     layouts = (
         f"a '.model' sentencepiece file, a directory with '{MODEL_FILENAME}', a directory with "
-        f"'{VOCAB_FILENAME}' and '{MERGES_FILENAME}', an open_clip '.txt.gz' merges file, or a BERT "
-        f"'{wordpiece_vocab}' (or a directory with one)"
+        f"'{VOCAB_FILENAME}' and '{MERGES_FILENAME}', an open_clip '.txt.gz' merges file, a BERT "
+        f"'{wordpiece_vocab}' (or a directory with one), or a directory with XLM-R's or mBART's "
+        f"'{FAIRSEQ_MODEL_FILENAME}'"
     )
+    if path.is_file() and path.name == FAIRSEQ_MODEL_FILENAME:
+        return load_fairseq_tokenizer(path.parent, context_length)
     if path.is_file() and path.suffix == ".model":
         return SentencePieceTokenizer(path, context_length)
     if path.is_file() and path.name == wordpiece_vocab:
@@ -379,10 +392,11 @@ def load_tokenizer(
         raise FileNotFoundError(f"tokenizer path '{path}' {state}; expected {layouts}")
     has_model = (path / MODEL_FILENAME).is_file()
     clip_files = [name for name in (VOCAB_FILENAME, MERGES_FILENAME) if (path / name).is_file()]
-    if has_model and clip_files:
-        raise ValueError(
-            f"tokenizer directory '{path}' holds both '{MODEL_FILENAME}' and '{clip_files[0]}'; keep one tokenizer"
-        )
+    found = [name for name in (MODEL_FILENAME, FAIRSEQ_MODEL_FILENAME) if (path / name).is_file()] + clip_files[:1]
+    if len(found) > 1:
+        raise ValueError(f"tokenizer directory '{path}' holds both '{found[0]}' and '{found[1]}'; keep one tokenizer")
+    if (path / FAIRSEQ_MODEL_FILENAME).is_file():
+        return load_fairseq_tokenizer(path, context_length)
     if has_model:
         return SentencePieceTokenizer(path / MODEL_FILENAME, context_length)
     if len(clip_files) == 2:
