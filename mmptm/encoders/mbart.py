@@ -5,7 +5,10 @@ Translation", sec. 2.1-2.2: BART's sequence-to-sequence transformer (Lewis et
 al. 2020, sec. 2.1) with pre-norm blocks and "an additional layer-normalization
 layer on top of both the encoder and decoder"; a layer norm on the embeddings
 (as the released mBART); learned positions on each side; one token embedding
-for the encoder input, the decoder input and the LM head (tied). A language-id
+for the encoder input, the decoder input and the LM head (tied); optionally the
+token embeddings scaled by ``sqrt(width)`` as fairseq's ``embed_scale``
+(``scale_embedding``, set by the released mbart-large-cc25 / mbart-large-50,
+which :mod:`mmptm.interop.mbart` imports). A language-id
 token per configured language marks the end of the source and starts the
 target (Fig. 1: ``X </s> <lang>`` -> ``<lang> X``).
 
@@ -23,6 +26,7 @@ cross-attention keys/values of the source are computed once).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
@@ -163,6 +167,9 @@ class MBart(nn.Module):
         language_token_ids: ``{code: id}`` of language pieces already in the tokenizer's vocabulary;
             None: append one id per language after it (``vocab_size + index in languages``).
         act: the MLP activation.
+        scale_embedding: multiply the token embeddings by ``sqrt(width)`` before the positions are
+            added (fairseq's ``embed_scale``; Hugging Face's ``scale_embedding``). The LM head uses the
+            unscaled embeddings, as in both.
         vocab_size / pad_id / eot_id / bos_id / mask_id: from the tokenizer (filled at run time).
 
     Raises:
@@ -180,6 +187,7 @@ class MBart(nn.Module):
         languages: list[str] | None = None,
         language_token_ids: dict[str, int] | None = None,
         act: Activation = "gelu",
+        scale_embedding: bool = False,
         vocab_size: int = 8000,
         pad_id: int = 0,
         eot_id: int = 3,
@@ -200,6 +208,7 @@ class MBart(nn.Module):
             raise ValueError(f"'decoder_layers' must be at least 1, got {decoder_layers}")
         self.width = width
         self.max_positions = max_positions
+        self.embedding_scale = math.sqrt(width) if scale_embedding else 1.0
         self.pad_id, self.eos_id, self.bos_id, self.mask_id = pad_id, eot_id, bos_id, mask_id
         self.token_embedding = nn.Embedding(self.vocab_size, width)
         self.encoder_positions = nn.Embedding(max_positions, width)
@@ -240,7 +249,8 @@ class MBart(nn.Module):
         end = offset + tokens.shape[1]
         if end > self.max_positions:
             raise ValueError(f"mbart: a sequence of {end} tokens is longer than max_positions={self.max_positions}")
-        return norm(self.token_embedding(tokens) + positions(torch.arange(offset, end, device=tokens.device)))
+        tokens_embedded = self.token_embedding(tokens) * self.embedding_scale
+        return norm(tokens_embedded + positions(torch.arange(offset, end, device=tokens.device)))
 
     def encode(self, source: torch.Tensor) -> Memory:
         """Encode ``source [B, S]`` (``pad_id`` masked out) into every decoder layer's cross-attention keys/values."""

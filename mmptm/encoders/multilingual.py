@@ -5,7 +5,14 @@ Fig. 1: token + learned position embeddings, plus (optionally) a learned
 embedding of each token's language; a bidirectional transformer; an MLM head
 tied to the token embeddings. XLM-R (Conneau et al. 2020) drops the language
 embeddings (``language_embeddings=False``). The blocks are the pre-norm
-SDPA blocks of :mod:`mmptm.encoders.layers`; padding is masked out of attention.
+SDPA blocks of :mod:`mmptm.encoders.layers` with a final LayerNorm; padding is
+masked out of attention. ``norm_first=False`` builds RoBERTa's layout instead,
+that of XLM-R (Conneau et al. 2020, sec. 2, after Liu et al. 2019 and Devlin et
+al. 2019, sec. 3): a LayerNorm over the summed embeddings, post-norm BERT
+layers (:mod:`mmptm.encoders.bert`), no final norm; with ``position_offset=2``
+(fairseq's first position id) and ``layer_norm_eps=1e-5`` it computes a Hugging
+Face ``XLMRobertaModel``'s states, so imported XLM-R checkpoints
+(:mod:`mmptm.interop.xlmr`) continue pretraining with every objective here.
 ``encode_text`` mean-pools the states of the non-padding tokens, the sentence
 representation of cross-lingual retrieval (Hu et al. 2020, XTREME, sec. 3.3).
 """
@@ -18,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmptm.encoders.bert import MaskedLMHead
+from mmptm.encoders.bert import BERT_LAYER_NORM_EPS, BertLayer, MaskedLMHead, run_layer
 from mmptm.encoders.layers import Activation, Transformer
 from mmptm.registry import register_model
 
@@ -35,7 +42,17 @@ class MultilingualEncoder(nn.Module):
         max_positions: learned positions (TLM pairs need two sentences' worth).
         languages: the language codes, in embedding order; a batch naming another is an error.
         language_embeddings: add a learned language embedding to every token (XLM); False: XLM-R.
-        act: the MLP activation.
+        act: the MLP activation (post-norm layers: ``gelu`` only, BERT's exact GELU).
+        norm_first: pre-norm blocks and a final LayerNorm (True); False: RoBERTa's / XLM-R's
+            LayerNorm over the embeddings and post-norm BERT layers, without a final norm.
+        layer_norm_eps: epsilon of every LayerNorm (XLM-R: 1e-5); None: PyTorch's 1e-5, except
+            BERT's 1e-12 in the MLM head.
+        position_offset: position id of the first token, so ``max_positions - position_offset`` tokens
+            fit (fairseq's RoBERTa / XLM-R: 2, its padding id + 1). Positions passed to
+            :meth:`forward` count from 0 and are shifted by it, so TLM's restart at the translation
+            restarts at the offset too.
+        dropout: dropout of the post-norm layers and the normalised embeddings (XLM-R trained
+            with 0.1); the pre-norm blocks have none, so it must be 0 with ``norm_first``.
         vocab_size / pad_id / eot_id / bos_id / mask_id: from the tokenizer (filled at run time).
     """
 
@@ -49,6 +66,10 @@ class MultilingualEncoder(nn.Module):
         languages: list[str] | None = None,
         language_embeddings: bool = True,
         act: Activation = "gelu",
+        norm_first: bool = True,
+        layer_norm_eps: float | None = None,
+        position_offset: int = 0,
+        dropout: float = 0.0,
         vocab_size: int = 8000,
         pad_id: int = 0,
         eot_id: int = 3,
@@ -59,15 +80,35 @@ class MultilingualEncoder(nn.Module):
         self.languages = list(languages or [])
         if language_embeddings and not self.languages:
             raise ValueError("multilingual_encoder: language_embeddings=True needs the model's 'languages'")
+        if not 0 <= position_offset < max_positions:
+            raise ValueError(
+                f"multilingual_encoder: position_offset {position_offset} must be in 0..{max_positions - 1}"
+            )
+        if norm_first and dropout:
+            raise ValueError("multilingual_encoder: dropout needs norm_first=false (the pre-norm blocks have none)")
+        if not norm_first and act != "gelu":
+            raise ValueError(f"multilingual_encoder: act {act!r} needs norm_first=true (BERT layers use 'gelu')")
         self.width = width
+        self.norm_first = norm_first
+        self.position_offset = position_offset
         self.vocab_size = vocab_size
         self.pad_id, self.eos_id, self.bos_id, self.mask_id = pad_id, eot_id, bos_id, mask_id
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.position_embedding = nn.Embedding(max_positions, width)
         self.language_embedding = nn.Embedding(len(self.languages), width) if language_embeddings else None
-        self.transformer = Transformer(width, layers, heads, mlp_ratio, act)
-        self.ln_final = nn.LayerNorm(width)
-        self.mlm_head = MaskedLMHead(width, vocab_size)
+        eps = 1e-5 if layer_norm_eps is None else layer_norm_eps
+        if norm_first:
+            self.transformer = Transformer(width, layers, heads, mlp_ratio, act)
+            for module in self.transformer.modules():  # layers.py builds its norms with PyTorch's default eps
+                if isinstance(module, nn.LayerNorm):
+                    module.eps = eps
+            self.ln_final = nn.LayerNorm(width, eps=eps)
+        else:
+            self.embedding_norm = nn.LayerNorm(width, eps=eps)
+            self.embedding_dropout = nn.Dropout(dropout)
+            self.layers = nn.ModuleList(BertLayer(width, heads, mlp_ratio, dropout, eps) for _ in range(layers))
+            self.grad_checkpointing = False
+        self.mlm_head = MaskedLMHead(width, vocab_size, BERT_LAYER_NORM_EPS if layer_norm_eps is None else eps)
         # The Unicoder heads (Huang et al. 2019, sec. 3): sized by the width, so they live with the model.
         self.word_recovery = TrilinearAttention(width)
         self.pair_classifier = nn.Linear(width, 1)
@@ -76,7 +117,10 @@ class MultilingualEncoder(nn.Module):
                 nn.init.normal_(embedding.weight, std=0.02)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.transformer.grad_checkpointing = enable
+        if self.norm_first:
+            self.transformer.grad_checkpointing = enable
+        else:
+            self.grad_checkpointing = enable
 
     def language_ids(self, languages: Sequence[str], device: torch.device | str = "cpu") -> torch.Tensor:
         """``LongTensor[len(languages)]``: the embedding index of each language code.
@@ -108,10 +152,11 @@ class MultilingualEncoder(nn.Module):
             tokens: ``LongTensor[B, L]``; ``pad_id`` positions are masked out of attention.
             languages: language index per sequence ``[B]`` or per token ``[B, L]`` (ignored without
                 language embeddings; required with them).
-            positions: position ids ``[B, L]`` (default ``0..L-1``; TLM restarts them at the second sentence).
+            positions: position ids ``[B, L]`` counted from 0 (default ``0..L-1``; TLM restarts them at the
+                second sentence); the model adds ``position_offset``.
             inputs_embeds: token embeddings ``[B, L, width]`` to use instead of looking ``tokens`` up
                 (CLWR's re-expressed sentences); ``tokens`` still gives the padding mask.
-            layer: return the states after this many blocks (None: all, with the final norm).
+            layer: return the states after this many blocks (None: all, with the final norm of pre-norm blocks).
 
         Returns:
             ``[B, L, width]``.
@@ -120,12 +165,17 @@ class MultilingualEncoder(nn.Module):
         if positions is None:
             positions = torch.arange(length, device=tokens.device).expand(batch, length)
         x = self.token_embedding(tokens) if inputs_embeds is None else inputs_embeds
-        x = x + self.position_embedding(positions)
+        x = x + self.position_embedding(positions + self.position_offset)
         if self.language_embedding is not None:
             if languages is None:
                 raise ValueError("this model has language embeddings: pass the languages of the batch")
             x = x + self.language_embedding(languages if languages.dim() == 2 else languages[:, None])
         keep = tokens != self.pad_id
+        if not self.norm_first:
+            x = self.embedding_dropout(self.embedding_norm(x))
+            for block in self.layers[:layer]:
+                x = run_layer(block, self.grad_checkpointing, x, keep)
+            return x
         if layer is None:
             return self.ln_final(self.transformer(x, attn_mask=keep))
         for block in self.transformer.resblocks[:layer]:

@@ -6,7 +6,9 @@ in place of CLIP's text tower. Here the encoder is mmptm's
 ``multilingual_encoder`` (XLM-R style: no language embeddings, since a dual
 encoder's ``encode_text`` gets token ids only), so ``model.text.init_from`` can
 start it from a run of ``mmlm_tiny.yaml`` / ``xlm_tiny.yaml`` with
-``model.language_embeddings=false``.
+``model.language_embeddings=false``, or from a Hugging Face XLM-R checkpoint
+imported with ``mmptm convert hf-xlmr`` (with that checkpoint's ``norm_first``,
+``layer_norm_eps``, ``position_offset`` and ``dropout``), as M-CLIP does.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ class MultilingualTextTower(nn.Module):
     Args:
         embed_dim: joint embedding size (filled in from the model).
         vocab_size / pad_id / eot_id: from the tokenizer (filled in at run time).
-        width / layers / heads / mlp_ratio / max_positions / act: the encoder's, as ``multilingual_encoder``'s.
+        width / layers / heads / mlp_ratio / max_positions / act / norm_first / layer_norm_eps /
+            position_offset / dropout: the encoder's, as ``multilingual_encoder``'s.
     """
 
     input_key = "text"
@@ -41,13 +44,18 @@ class MultilingualTextTower(nn.Module):
         mlp_ratio: float = 4.0,
         max_positions: int = 256,
         act: Activation = "gelu",
+        norm_first: bool = True,
+        layer_norm_eps: float | None = None,
+        position_offset: int = 0,
+        dropout: float = 0.0,
         pad_id: int = 0,
         eot_id: int = 3,
     ) -> None:
         super().__init__()
         self.encoder = MultilingualEncoder(
             width, layers, heads, mlp_ratio, max_positions, language_embeddings=False, act=act,
-            vocab_size=vocab_size, pad_id=pad_id, eot_id=eot_id,
+            norm_first=norm_first, layer_norm_eps=layer_norm_eps, position_offset=position_offset,
+            dropout=dropout, vocab_size=vocab_size, pad_id=pad_id, eot_id=eot_id,
         )
         self.text_projection = nn.Parameter(torch.randn(width, embed_dim) * width**-0.5)
 

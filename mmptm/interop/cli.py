@@ -7,16 +7,16 @@ import json
 
 
 def add_convert_parser(sub: argparse._SubParsersAction) -> None:
-    """Register ``mmptm convert {open_clip,hf,hf-visualbert,to-hf}``."""
+    """Register ``mmptm convert {open_clip,hf,hf-visualbert,hf-xlmr,hf-mbart,to-hf}``."""
     p = sub.add_parser(
         "convert",
-        help="import OpenCLIP / Hugging Face CLIP and VisualBERT checkpoints; export CLIP to Hugging Face",
+        help="import OpenCLIP / Hugging Face CLIP, VisualBERT, XLM-R and mBART checkpoints; export CLIP to HF",
         description="Convert checkpoints into mmptm checkpoint folders (config.yaml + model.safetensors + "
         "the original tokenizer files), usable by load_pretrained, `mmptm zeroshot` and train.init_from; "
         "or export an mmptm CLIP as a Hugging Face CLIPModel folder.",
     )
     convert_sub = p.add_subparsers(
-        dest="convert_command", required=True, metavar="{open_clip,hf,hf-visualbert,to-hf}"
+        dest="convert_command", required=True, metavar="{open_clip,hf,hf-visualbert,hf-xlmr,hf-mbart,to-hf}"
     )
     oc = convert_sub.add_parser(
         "open_clip",
@@ -55,6 +55,38 @@ def add_convert_parser(sub: argparse._SubParsersAction) -> None:
     vb.add_argument("--context-length", type=int, default=128, help="text positions per row, [CLS] and [SEP] included")
     vb.set_defaults(func=_convert_hf_visualbert)
 
+    xlmr = convert_sub.add_parser(
+        "hf-xlmr",
+        help="a Hugging Face XLMRobertaForMaskedLM / XLMRobertaModel folder (XLM-R)",
+        description="Import XLM-R (Conneau et al. 2020) weights, with the masked-LM head when present, as a "
+        "multilingual_encoder checkpoint (post-norm layers, no language embeddings) that continues pretraining "
+        "with mmlm, tlm, clwr and clpc; the tokenizer is the folder's sentencepiece.bpe.model in fairseq's ids.",
+    )
+    xlmr.add_argument("model_dir", help="folder written by save_pretrained (config.json + model.safetensors/.bin)")
+    xlmr.add_argument("output_dir", help="checkpoint folder to create")
+    xlmr.add_argument("--languages", nargs="+", help="language codes recorded in the model config (default: none; "
+                      "without language embeddings the model takes any language)")
+    xlmr.add_argument("--context-length", type=int, help="token rows of the saved tokenizer, <s> and </s> included "
+                      "(default: every position, 512 for the released models)")
+    xlmr.add_argument("--tokenizer", help="sentencepiece.bpe.model or a folder with it (default: the model folder's)")
+    xlmr.set_defaults(func=_convert_hf_xlmr)
+
+    mbart = convert_sub.add_parser(
+        "hf-mbart",
+        help="a Hugging Face MBartForConditionalGeneration / MBartModel folder (mbart-large-cc25, mbart-large-50)",
+        description="Import mBART (Liu et al. 2020) weights as an mbart checkpoint that continues denoising "
+        "pretraining and decodes; the tokenizer is the folder's sentencepiece.bpe.model in fairseq's ids, its "
+        "language codes (e.g. en_XX) the model's languages.",
+    )
+    mbart.add_argument("model_dir", help="folder with config.json, model.safetensors/pytorch_model.bin and "
+                       "sentencepiece.bpe.model")
+    mbart.add_argument("output_dir", help="checkpoint folder to create")
+    mbart.add_argument("--languages", nargs="+", default=[], metavar="NAME=CODE",
+                       help="name language codes as the data does, e.g. en=en_XX fr=fr_XX (default: the codes)")
+    mbart.add_argument("--tokenizer", help="sentencepiece.bpe.model or a folder with it (default: the model folder's)")
+    mbart.add_argument("--context-length", type=int, help="token rows of the saved tokenizer (default: 128)")
+    mbart.set_defaults(func=_convert_hf_mbart)
+
     to_hf = convert_sub.add_parser("to-hf", help="export an mmptm CLIP as a Hugging Face CLIPModel folder")
     to_hf.add_argument("checkpoint", help="mmptm checkpoint or run folder")
     to_hf.add_argument("output_dir", help="folder to create")
@@ -84,6 +116,21 @@ def _convert_hf_visualbert(args: argparse.Namespace) -> int:
 
     out, heads = import_hf_visualbert(args.model_dir, args.output_dir, args.tokenizer, args.context_length)
     return _report(out, source=args.model_dir, heads_imported=heads)
+
+
+def _convert_hf_xlmr(args: argparse.Namespace) -> int:
+    from mmptm.interop.xlmr import import_hf_xlmr, training_overrides
+
+    result = import_hf_xlmr(args.model_dir, args.output_dir, args.languages, args.context_length, args.tokenizer)
+    return _report(result.output_dir, source=args.model_dir, heads_imported=result.heads_imported,
+                   dropped=result.dropped, train_overrides=training_overrides(result.output_dir))
+
+
+def _convert_hf_mbart(args: argparse.Namespace) -> int:
+    from mmptm.interop.mbart import import_hf_mbart
+
+    out = import_hf_mbart(args.model_dir, args.output_dir, args.languages, args.tokenizer, args.context_length)
+    return _report(out, source=args.model_dir)
 
 
 def _convert_to_hf(args: argparse.Namespace) -> int:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import shutil
 import tempfile
 import zipfile
@@ -17,6 +19,18 @@ import yaml
 
 class ConversionError(ValueError):
     """A checkpoint that cannot be converted: unknown architecture, missing files, shape mismatch."""
+
+
+# Hugging Face BERT-family encoder layers (``encoder.layer.N``, as in BERT, VisualBERT and XLM-R) -> the
+# ``layers.N`` stack of :class:`mmptm.encoders.bert.BertLayer` (regex pattern, replacement).
+HF_BERT_LAYER_RENAMES = [
+    (r"^encoder\.layer\.(\d+)\.attention\.self\.(query|key|value)\.", r"layers.\1.attention.\2."),
+    (r"^encoder\.layer\.(\d+)\.attention\.output\.dense\.", r"layers.\1.attention.dense."),
+    (r"^encoder\.layer\.(\d+)\.attention\.output\.LayerNorm\.", r"layers.\1.attention.norm."),
+    (r"^encoder\.layer\.(\d+)\.intermediate\.dense\.", r"layers.\1.ffn.intermediate."),
+    (r"^encoder\.layer\.(\d+)\.output\.dense\.", r"layers.\1.ffn.output."),
+    (r"^encoder\.layer\.(\d+)\.output\.LayerNorm\.", r"layers.\1.ffn.norm."),
+]
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -52,6 +66,66 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if loaded and all(k.startswith("module.") for k in loaded):
         loaded = {k[len("module.") :]: v for k, v in loaded.items()}
     return loaded
+
+
+HF_WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def read_hf_config(model_dir: Path) -> tuple[dict[str, Any], Path]:
+    """The parsed ``config.json`` of a Hugging Face ``save_pretrained`` folder, and its path (for messages).
+
+    Raises:
+        ConversionError: no ``config.json``, or one that is not a JSON object.
+    """
+    config_file = model_dir / "config.json"
+    if not config_file.is_file():
+        raise ConversionError(f"'{model_dir}' is not a Hugging Face model folder: no config.json")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConversionError(f"{config_file}: not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise ConversionError(f"{config_file}: expected a JSON object, got {type(config).__name__}")
+    return config, config_file
+
+
+def rename_tensor(name: str, renames: list[tuple[str, str]]) -> str | None:
+    """``name`` under the first ``(pattern, replacement)`` of ``renames`` whose pattern matches; None if none does."""
+    for pattern, replacement in renames:
+        renamed, count = re.subn(pattern, replacement, name)
+        if count:
+            return renamed
+    return None
+
+
+def read_hf_weights(model_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a Hugging Face ``save_pretrained`` folder: one weights file, or the shards of its index.
+
+    Reads ``model.safetensors`` or ``pytorch_model.bin``, else every shard named by
+    ``model.safetensors.index.json`` / ``pytorch_model.bin.index.json`` (large models), with
+    :func:`read_state_dict`.
+
+    Raises:
+        ConversionError: no weights file, or an index that is not valid JSON with a ``weight_map``.
+    """
+    model_dir = Path(model_dir)
+    for name in HF_WEIGHTS_FILES:
+        if (model_dir / name).is_file():
+            return read_state_dict(model_dir / name)
+    for name in HF_WEIGHTS_FILES:
+        index = model_dir / f"{name}.index.json"
+        if index.is_file():
+            try:
+                shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+                raise ConversionError(f"{index}: not a weights index with a 'weight_map' ({err!r})") from None
+            state: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                state.update(read_state_dict(model_dir / shard))
+            return state
+    raise ConversionError(
+        f"'{model_dir}': no weights file ({', '.join(HF_WEIGHTS_FILES)}, or a sharded '<name>.index.json')"
+    )
 
 
 def is_torchscript(path: Path) -> bool:

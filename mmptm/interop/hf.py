@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from mmptm.interop.common import ConversionError, new_folder, read_state_dict, write_checkpoint
+from mmptm.interop.common import ConversionError, new_folder, read_hf_config, read_state_dict, write_checkpoint
 
 _ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu"}  # Hugging Face hidden_act -> mmptm act
 _LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, which mmptm's towers use
@@ -161,10 +161,7 @@ def import_hf_clip(model_dir: str | Path, output_dir: str | Path) -> Path:
     from mmptm.data_pipelines.tokenizer import load_tokenizer
 
     model_dir = Path(model_dir)
-    config_file = model_dir / "config.json"
-    if not config_file.is_file():
-        raise ConversionError(f"'{model_dir}' is not a Hugging Face model folder: no config.json")
-    hf_config = json.loads(config_file.read_text(encoding="utf-8"))
+    hf_config, config_file = read_hf_config(model_dir)
     config = model_config_from_hf(hf_config, config_file)
     weights = next((model_dir / n for n in ("model.safetensors", "pytorch_model.bin") if (model_dir / n).is_file()),
                    None)

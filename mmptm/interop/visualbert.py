@@ -18,27 +18,27 @@ Hugging Face's VisualBERT folders carry no tokenizer (the released ones use
 
 from __future__ import annotations
 
-import json
-import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mmptm.encoders.bert import BERT_LAYER_NORM_EPS
-from mmptm.interop.common import ConversionError, read_state_dict, write_checkpoint
+from mmptm.interop.common import (
+    HF_BERT_LAYER_RENAMES,
+    ConversionError,
+    read_hf_config,
+    read_state_dict,
+    rename_tensor,
+    write_checkpoint,
+)
 
 # Hugging Face name pattern -> mmptm name (applied to names without the ``visual_bert.`` prefix).
 _RENAMES = [
     (r"^embeddings\.LayerNorm\.", "embeddings.norm."),
     (r"^embeddings\.(word|position|token_type)_embeddings\.", r"embeddings.\1_embeddings."),
     (r"^embeddings\.(visual_token_type_embeddings|visual_position_embeddings|visual_projection)\.", r"\1."),
-    (r"^encoder\.layer\.(\d+)\.attention\.self\.(query|key|value)\.", r"layers.\1.attention.\2."),
-    (r"^encoder\.layer\.(\d+)\.attention\.output\.dense\.", r"layers.\1.attention.dense."),
-    (r"^encoder\.layer\.(\d+)\.attention\.output\.LayerNorm\.", r"layers.\1.attention.norm."),
-    (r"^encoder\.layer\.(\d+)\.intermediate\.dense\.", r"layers.\1.ffn.intermediate."),
-    (r"^encoder\.layer\.(\d+)\.output\.dense\.", r"layers.\1.ffn.output."),
-    (r"^encoder\.layer\.(\d+)\.output\.LayerNorm\.", r"layers.\1.ffn.norm."),
+    *HF_BERT_LAYER_RENAMES,
     (r"^pooler\.dense\.", "pooler.dense."),
     # VisualBertForPreTraining's heads.
     (r"^cls\.predictions\.transform\.dense\.", "mlm_head.dense."),
@@ -80,13 +80,10 @@ def visualbert_state_dict_from_hf(hf_state: dict[str, torch.Tensor]) -> dict[str
             if tied is not None and not torch.equal(tensor, tied):
                 raise ValueError(f"'{name}' differs from the tensor it is tied to; mmptm's MLM head is always tied")
             continue
-        for pattern, replacement in _RENAMES:
-            renamed, count = re.subn(pattern, replacement, name)
-            if count:
-                out[renamed] = tensor
-                break
-        else:
+        renamed = rename_tensor(name, _RENAMES)
+        if renamed is None:
             raise ValueError(f"VisualBERT tensor '{name}' has no counterpart in mmptm's visualbert")
+        out[renamed] = tensor
     return out
 
 
@@ -160,10 +157,7 @@ def import_hf_visualbert(
     from mmptm.models import create_model
 
     model_dir = Path(model_dir)
-    config_file = model_dir / "config.json"
-    if not config_file.is_file():
-        raise ConversionError(f"'{model_dir}' is not a Hugging Face model folder: no config.json")
-    hf_config = json.loads(config_file.read_text(encoding="utf-8"))
+    hf_config, config_file = read_hf_config(model_dir)
     config = visualbert_config_from_hf(hf_config, config_file)
     if context_length > config["max_text_length"]:
         raise ConversionError(
