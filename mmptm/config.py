@@ -258,9 +258,9 @@ def apply_override(tree: dict[str, Any], path: list[str], value: Any, source: st
         if isinstance(node, list):
             node = node[_list_index(node, part, path[: i + 1], source)]
         else:
-            node = node.setdefault(part, {})
-            if node is None:
-                node = {}
+            if node.get(part) is None:  # a missing section, or one set to null: the override creates it
+                node[part] = {}
+            node = node[part]
         if not isinstance(node, (dict, list)):
             raise ConfigError(f"override '{source}': '{'.'.join(path[: i + 1])}' is a value, not a section")
     last = path[-1]
@@ -356,11 +356,26 @@ def load_config(
         config = Config.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err, where, Config)) from None
+    if config.train.min_lr > config.train.lr:
+        raise ConfigError(
+            f"{where}: 'train.min_lr' ({config.train.min_lr}) is above 'train.lr' ({config.train.lr}); the "
+            "schedule decays from lr to min_lr, so min_lr must be <= lr"
+        )
     validate_components(config, where)
     return config
 
 
 # --------------------------------------------------------------------------- component validation
+
+
+def _as_number(value: Any) -> Any:
+    """A string that reads as a float (``"1e-3"``, which YAML leaves a string) as that float; else ``value``."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def validate_components(config: Config, where: str) -> None:
@@ -370,6 +385,9 @@ def validate_components(config: Config, where: str) -> None:
     for i, objective in enumerate(config.objectives):
         trainer_keys = {k: objective[k] for k in OBJECTIVE_TRAINER_KEYS if k in objective}
         options = {k: v for k, v in objective.items() if k not in OBJECTIVE_TRAINER_KEYS}
+        for key in ("weight", "ratio"):  # YAML reads 1e-3 (no dot) as a string
+            if key in trainer_keys:
+                trainer_keys[key] = _as_number(trainer_keys[key])
         checked.append({**validate_component(OBJECTIVES, options, f"objectives.{i}", where), **trainer_keys})
         weight = trainer_keys.get("weight", 1.0)
         if not isinstance(weight, (int, float)) or isinstance(weight, bool):

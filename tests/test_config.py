@@ -68,6 +68,7 @@ def test_overrides_apply_and_coerce():
             "train.lr=2e-4",
             "data.train.batch_size=16",
             "objectives.0.weight=0.5",
+            "objectives.0.ratio=1e-1",
             "model.vision.layers=1",
         ],
     )
@@ -75,7 +76,19 @@ def test_overrides_apply_and_coerce():
     assert config.train.lr == pytest.approx(2e-4)  # YAML reads 2e-4 as a string; the schema coerces it
     assert config.data["train"]["batch_size"] == 16
     assert config.objectives[0]["weight"] == 0.5
+    assert config.objectives[0]["ratio"] == pytest.approx(0.1)  # a string in YAML, like train.lr
     assert config.model["vision"]["layers"] == 1
+
+
+def test_an_override_into_a_section_set_to_null_creates_it(tmp_path):
+    """``eval.zeroshot: null`` in a file, then ``eval.zeroshot.batch_size=8``: the section exists with
+    its defaults and the override (it used to vanish without an error)."""
+    tree = yaml.safe_load(resolve_config_path("clip_tiny.yaml").read_text())
+    tree["eval"]["zeroshot"] = None
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(tree))
+    assert load_config(str(tmp_path / "c.yaml")).eval.zeroshot is None
+    config = load_config(str(tmp_path / "c.yaml"), ["eval.zeroshot.batch_size=8"])
+    assert config.eval.zeroshot is not None and config.eval.zeroshot.batch_size == 8
 
 
 @pytest.mark.parametrize(
@@ -92,6 +105,7 @@ def test_overrides_apply_and_coerce():
         ("model.vision.layers=two", ["model.vision.layers", "'two'"]),
         ("objectives.0.data=valid", ["objectives.0.data", "'valid'", "train"]),
         ("evall.zeroshot=null", ["evall", "did you mean 'eval'"]),
+        ("train.min_lr=1e-2", ["'train.min_lr' (0.01) is above 'train.lr'", "must be <= lr"]),
     ],
 )
 def test_bad_keys_and_values_name_the_key_and_choices(override, expected):

@@ -72,6 +72,20 @@ def test_folder_round_trip(tmp_path):
     assert (shard_stats["count"], shard_stats["successes"], shard_stats["failed"]) == (5, 5, 0)
 
 
+def test_camera_jpegs_with_a_preview_keep_their_bytes(tmp_path):
+    """Pillow calls a JPEG with extra images (Multi-Picture Format, many phone photos) "MPO": it is stored
+    as the original .jpg, not re-encoded as a PNG several times its size."""
+    (tmp_path / "src").mkdir()
+    image = Image.new("RGB", (32, 24), (200, 40, 10))
+    image.save(tmp_path / "src" / "photo.jpg", format="MPO", save_all=True, append_images=[image])
+    assert Image.open(tmp_path / "src" / "photo.jpg").format == "MPO"
+    (tmp_path / "src" / "photo.txt").write_text("a camera photo")
+    stats = write_shards(tmp_path / "src", tmp_path / "out")
+    members = tar_members(stats.shards[0])
+    assert members["000000000.jpg"] == (tmp_path / "src" / "photo.jpg").read_bytes()
+    assert Image.open(io.BytesIO(members["000000000.jpg"])).size == (32, 24)
+
+
 def test_csv_and_jsonl_with_relative_paths_aliases_and_extra_columns(tmp_path):
     (tmp_path / "data/images").mkdir(parents=True)
     for i in range(3):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -296,6 +297,9 @@ def test_api_rejects_bad_prompts_before_encoding_images(pretrained):
 
     with pytest.raises(EvaluationError, match="different numbers of class names"):
         zeroshot_classification(model, tokenizer, batches(), {"en": ["a", "b"], "fr": ["a"]}, ["{}"])
+    for template, error in [("a {} of a {}", "IndexError"), ("a {name}", "KeyError"), ("a { {}", "ValueError")]:
+        with pytest.raises(EvaluationError, match=f"template '{re.escape(template)}' cannot be filled .*{error}"):
+            zeroshot_classification(model, tokenizer, batches(), ["a"], ["{}", template])
     with pytest.raises(EvaluationError, match="primary language 'fr'"):
         zeroshot_classification(model, tokenizer, batches(), {"en": ["a"], "fr": ["b"]}, ["{}"], languages=["en"],
                                 primary_language="fr")

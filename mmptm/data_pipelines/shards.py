@@ -26,8 +26,10 @@ logger = logging.getLogger("mmptm.data")
 
 # Image extensions of a sample (readers take the first present when there are several).
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-# Formats stored as they are; any other readable format is re-encoded as PNG.
-_STORED_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+# Formats stored as they are; any other readable format is re-encoded as PNG. Pillow names JPEGs
+# that carry more images (camera and phone photos with a preview: Multi-Picture Format) "MPO";
+# their bytes are a JPEG whose first image every reader decodes.
+_STORED_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
 # Alternative names of the default columns (an explicitly named column has none).
 _COLUMN_ALIASES = {"image": ("image", "path", "filepath"), "caption": ("caption", "text", "txt")}
 

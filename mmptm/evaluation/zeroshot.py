@@ -28,11 +28,22 @@ def _by_language(prompts: Prompts) -> Mapping[str, Sequence[str]]:
 
 
 def check_templates(templates: Prompts, source: str = "templates") -> None:
-    """Raise :class:`EvaluationError` for a template without a ``{}`` placeholder for the class name."""
+    """Raise :class:`EvaluationError` for a template that does not fill one class name into ``{}``.
+
+    A template is filled with ``template.format(classname)`` (open_clip's convention), so one with a
+    second placeholder, a named one or a stray brace would fail only at evaluation, after training.
+    """
     for lang, items in _by_language(templates).items():
         for template in items:
-            if "{}" not in template:
-                where = "" if lang == "default" else f" (language '{lang}')"
+            where = "" if lang == "default" else f" (language '{lang}')"
+            try:
+                filled = template.format("\0")
+            except (IndexError, KeyError, ValueError) as err:
+                raise EvaluationError(
+                    f"{source}: template '{template}'{where} cannot be filled with a class name by "
+                    f"str.format ({type(err).__name__}: {err}); use one '{{}}' and write a literal brace as '{{{{'"
+                ) from None
+            if "\0" not in filled:
                 raise EvaluationError(
                     f"{source}: template '{template}'{where} has no '{{}}' placeholder for the class name"
                 )
