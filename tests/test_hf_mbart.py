@@ -6,6 +6,7 @@ import copy
 import io
 import json
 import math
+import shlex
 import shutil
 import tarfile
 from pathlib import Path
@@ -18,14 +19,17 @@ transformers = pytest.importorskip("transformers")
 
 import mmptm  # noqa: E402
 from mmptm.cli import main  # noqa: E402
+from mmptm.config import load_config  # noqa: E402
 from mmptm.data_pipelines.context import DataContext  # noqa: E402
 from mmptm.data_pipelines.text import text  # noqa: E402
+from mmptm.data_pipelines.tokenizer import load_tokenizer  # noqa: E402
 from mmptm.evaluation.common import EvalContext  # noqa: E402
 from mmptm.evaluation.denoising import denoise  # noqa: E402
 from mmptm.interop.common import ConversionError  # noqa: E402
 from mmptm.interop.mbart import import_hf_mbart  # noqa: E402
 from mmptm.objectives.denoising import MultilingualDenoising  # noqa: E402
 from mmptm.objectives.masking import IGNORE_INDEX  # noqa: E402
+from mmptm.training.checkpoint import load_weights  # noqa: E402
 
 BOS, PAD, EOS = 0, 1, 2  # fairseq's ids
 PIECES = 40  # the tiny sentencepiece model's size
@@ -225,8 +229,14 @@ def test_cli_writes_a_folder_load_pretrained_loads(imported, hf_dir, tmp_path, c
     hf, _, _ = imported
     output = tmp_path / "cli"
     assert main(["convert", "hf-mbart", str(hf_dir), str(output), "--languages", "en=en_XX", "de=de_DE"]) == 0
-    assert json.loads(capsys.readouterr().out)["output_dir"] == str(output)
+    report = json.loads(capsys.readouterr().out)
+    assert report["output_dir"] == str(output)
     model, tokenizer, _ = mmptm.load_pretrained(output)
+    # The printed overrides make mbart_tiny.yaml build the imported model, which train.init_from loads strictly.
+    config = load_config("mbart_tiny.yaml", shlex.split(report["train_overrides"]))
+    assert config.train.init_from == str(output) and config.tokenizer.path == str(output)
+    rebuilt = mmptm.create_model(config.model, tokenizer=load_tokenizer(output))
+    load_weights(rebuilt, output / "model.safetensors")
     assert model.language_token_id["de"] == tokenizer.language_token_ids["de_DE"]
     assert "fr_XX" in model.languages and "en_XX" not in model.languages
     source, _ = sources(2)

@@ -119,7 +119,8 @@ def _convert_hf_visualbert(args: argparse.Namespace) -> int:
 
 
 def _convert_hf_xlmr(args: argparse.Namespace) -> int:
-    from mmptm.interop.xlmr import import_hf_xlmr, training_overrides
+    from mmptm.interop.common import training_overrides
+    from mmptm.interop.xlmr import import_hf_xlmr
 
     result = import_hf_xlmr(args.model_dir, args.output_dir, args.languages, args.context_length, args.tokenizer)
     return _report(result.output_dir, source=args.model_dir, heads_imported=result.heads_imported,
@@ -127,10 +128,11 @@ def _convert_hf_xlmr(args: argparse.Namespace) -> int:
 
 
 def _convert_hf_mbart(args: argparse.Namespace) -> int:
+    from mmptm.interop.common import training_overrides
     from mmptm.interop.mbart import import_hf_mbart
 
     out = import_hf_mbart(args.model_dir, args.output_dir, args.languages, args.tokenizer, args.context_length)
-    return _report(out, source=args.model_dir)
+    return _report(out, source=args.model_dir, train_overrides=training_overrides(out))
 
 
 def _convert_to_hf(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import shutil
 import tempfile
 import zipfile
@@ -212,3 +213,15 @@ def new_folder(output_dir: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def training_overrides(checkpoint: str | Path) -> str:
+    """The ``mmptm train`` overrides that continue pretraining from an imported checkpoint (shell-quoted).
+
+    ``train.init_from`` loads the weights strictly, so the run's ``model`` section must be the
+    checkpoint's and its ``tokenizer.path`` the checkpoint folder.
+    """
+    model = yaml.safe_load((Path(checkpoint) / "config.yaml").read_text(encoding="utf-8"))["model"]
+    model_yaml = yaml.safe_dump(model, default_flow_style=True, width=float("inf"), sort_keys=False).strip()
+    return " ".join(shlex.quote(item) for item in
+                    (f"train.init_from={checkpoint}", f"tokenizer.path={checkpoint}", f"model={model_yaml}"))

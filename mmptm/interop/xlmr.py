@@ -23,12 +23,10 @@ ids (:class:`~mmptm.data_pipelines.fairseq_spm.FairseqSentencePieceTokenizer`).
 from __future__ import annotations
 
 import re
-import shlex
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-import yaml
 
 from mmptm.data_pipelines.fairseq_spm import FairseqSentencePieceTokenizer, load_fairseq_tokenizer
 from mmptm.data_pipelines.tokenizer import FAIRSEQ_MODEL_FILENAME
@@ -209,18 +207,6 @@ def xlmr_tokenizer(source: Path, context_length: int) -> FairseqSentencePieceTok
         ) from None
     except ValueError as err:
         raise ConversionError(f"{source}: {err}") from None
-
-
-def training_overrides(checkpoint: str | Path) -> str:
-    """The ``mmptm train`` overrides that continue pretraining from an imported checkpoint (shell-quoted).
-
-    ``train.init_from`` loads the weights strictly, so the run's ``model`` section must be the
-    checkpoint's and its ``tokenizer.path`` the checkpoint folder.
-    """
-    model = yaml.safe_load((Path(checkpoint) / "config.yaml").read_text(encoding="utf-8"))["model"]
-    model_yaml = yaml.safe_dump(model, default_flow_style=True, width=float("inf"), sort_keys=False).strip()
-    return " ".join(shlex.quote(item) for item in
-                    (f"train.init_from={checkpoint}", f"tokenizer.path={checkpoint}", f"model={model_yaml}"))
 
 
 def import_hf_xlmr(
