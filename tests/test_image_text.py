@@ -5,7 +5,10 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import random
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -499,3 +502,33 @@ def test_corrupted_tar_bytes_never_crash(flips, cut):
     assert len(set(seen)) == len(seen)
     if not flips and cut is None:
         assert seen == keys and skipped == 0
+
+
+# A user script that ends while its stream's worker still has batches to give (resample: endless).
+STREAM_LEFT_RUNNING = """
+import multiprocessing, sys
+from mmptm.data_pipelines.context import DataContext
+from mmptm.data_pipelines.image_text import image_text
+
+stream = image_text(DataContext(image_size=8), sys.argv[1], batch_size=2, num_workers=1, resample=True,
+                    epoch_samples=1000)
+batches = iter(stream)
+next(batches), next(batches)
+print(*[worker.pid for worker in multiprocessing.active_children()])
+"""
+
+
+def test_a_script_exits_while_its_stream_workers_still_run(shard_dir):
+    """Workers ignore SIGTERM, with which multiprocessing stops them at exit: mmptm must stop them itself."""
+    try:
+        # The timeout detects a hang (the script takes seconds); it is no speed target.
+        done = subprocess.run(
+            [sys.executable, "-c", STREAM_LEFT_RUNNING, str(shard_dir)], capture_output=True, text=True, timeout=90
+        )
+    except subprocess.TimeoutExpired as hang:
+        pytest.fail(f"the script did not exit with its DataLoader worker running: {hang.stdout!r} {hang.stderr!r}")
+    assert done.returncode == 0, done.stderr
+    workers = [int(pid) for pid in done.stdout.split()]
+    assert len(workers) == 1
+    with pytest.raises(ProcessLookupError):  # exited and reaped, not orphaned
+        os.kill(workers[0], 0)

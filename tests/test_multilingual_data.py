@@ -80,6 +80,16 @@ def test_rows_pack_sentences_of_one_language_up_to_max_length(tmp_path):
         assert row.tolist() == (en_row if lang == "en" else de_row)
 
 
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_an_epoch_is_epoch_samples_rounded_up_to_whole_batches_with_any_worker_count(tmp_path, num_workers):
+    """As image_text: each worker reads whole batches, so dropping partial ones never shortens an epoch."""
+    write_json_shard(tmp_path / "en" / "0.tar", [{"text": "aa b", "lang": "en"}] * 30)
+    context = DataContext(tokenizer=WordTokenizer(), training=True)
+    stream = text(context, str(tmp_path), batch_size=4, epoch_samples=10, num_workers=num_workers, pack=False)
+    sizes = [len(b["tokens"]) for b in batches(stream) if not b.get("empty")]
+    assert sizes == [4, 4, 4]
+
+
 def test_a_text_of_several_lines_is_one_document_row(tmp_path):
     docs = [{"text": "aa b\n\n  ccc \ndddd", "lang": "en"}, {"text": "e\nff", "lang": "en"}] * 10
     write_json_shard(tmp_path / "en" / "0.tar", docs)

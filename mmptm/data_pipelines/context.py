@@ -64,6 +64,8 @@ def data_worker_init(worker_id: int) -> None:  # noqa: ARG001 (DataLoader's work
     raise in the trainer before it could write its checkpoint; ignoring the
     signal here lets the trainer finish its step, checkpoint and shut the
     workers down itself (a worker also exits on its own when its parent is gone).
+    Python's exit stops daemonic children with SIGTERM too, so the streams stop
+    theirs before that (:class:`~mmptm.data_pipelines.streams.EpochStream`).
     """
     import signal
 

@@ -22,6 +22,8 @@ truncated local ``.tar`` is detected and counted).
 
 from __future__ import annotations
 
+import atexit
+import functools
 import glob
 import hashlib
 import io
@@ -29,6 +31,7 @@ import json
 import logging
 import os
 import random
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
@@ -245,7 +248,7 @@ def _take_samples(items: Iterable[dict[str, Any] | Skip], limit: int) -> Iterato
                 return
 
 
-def _worker_quota(epoch_samples: int, batch_size: int, drop_last: bool, worker: int, num_workers: int) -> int:
+def worker_quota(epoch_samples: int, batch_size: int, drop_last: bool, worker: int, num_workers: int) -> int:
     """One worker's share of a rank's ``epoch_samples``: whole batches, and the remainder to one worker.
 
     With ``drop_last`` the remainder is rounded up to a whole batch, so an epoch
@@ -413,7 +416,7 @@ class ShardPipeline(IterableDataset):
         if self.epoch_samples is not None:
             # Not DataPipeline.with_epoch: it counts batches after the fact and would cut
             # off the final skip count; this counts good samples exactly.
-            quota = _worker_quota(self.epoch_samples, self.batch_size, self.drop_last, worker, num_workers)
+            quota = worker_quota(self.epoch_samples, self.batch_size, self.drop_last, worker, num_workers)
             stages.append(lambda items: _take_samples(items, quota))
         return iter(wds.DataPipeline(*stages))
 
@@ -430,6 +433,41 @@ class ShardPipeline(IterableDataset):
             # What split_by_node + split_by_worker do, with this run's rank rather than torch.distributed's.
             urls = urls[slot::num_slots]
         return wds.SimpleShardList(urls)  # not empty: without split_samples every worker has a shard
+
+
+# Loader iterators whose worker processes may still run, for the exit hook (weak: a finished
+# or dropped iterator shuts its workers down itself and leaves the set).
+_iterators_with_workers: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _shut_down_at_exit(iterator: Any) -> None:
+    """Have the workers of ``iterator`` (a multi-process DataLoader iterator) shut down when Python exits.
+
+    :func:`~mmptm.data_pipelines.context.data_worker_init` makes workers ignore
+    SIGTERM, which is how multiprocessing's own exit hook stops daemonic
+    children before joining them: a worker still running at exit (an iterator
+    held by a module-level variable, e.g. a ``Trainer``'s streams) would make
+    that join wait forever. Each worker is asked to stop as when its iterator
+    is deleted, and killed if it has not within torch's status-check interval.
+    """
+    _register_exit_hook()
+    _iterators_with_workers.add(iterator)
+
+
+@functools.cache
+def _register_exit_hook() -> None:
+    # Registered once an iterator has started workers, hence after the exit hooks of multiprocessing
+    # (joins the workers) and of torch (turns _shutdown_workers into a no-op): atexit runs this first.
+    atexit.register(_shut_down_workers)
+
+
+def _shut_down_workers() -> None:
+    for iterator in list(_iterators_with_workers):
+        iterator._shutdown_workers()
+        for worker in iterator._workers:
+            if worker.is_alive():  # still busy with a batch: its terminate() was ignored
+                worker.kill()
+                worker.join()
 
 
 class EpochStream:
@@ -465,7 +503,10 @@ class EpochStream:
         # Workers start (and take their copy of the pipeline) when the loader's iterator is made.
         self._pipeline.epoch = self._next_epoch
         self._next_epoch += 1
-        return iter(self.loader)
+        iterator = iter(self.loader)
+        if self.loader.num_workers > 0:
+            _shut_down_at_exit(iterator)
+        return iterator
 
 
 class ShardStream(EpochStream):

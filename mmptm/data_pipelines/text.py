@@ -48,6 +48,7 @@ from mmptm.data_pipelines.streams import (
     json_text_fields,
     local_path,
     resolve_shards,
+    worker_quota,
     worker_slot,
 )
 from mmptm.registry import register_dataset
@@ -176,7 +177,8 @@ class LanguageSampledPipeline(IterableDataset):
         bad_shards: dict[str, Counter[str]] = {}  # per language never seen good: bad samples per shard
         seen_good: set[str] = set()
         languages, weights = list(self.probs), list(self.probs.values())
-        quota = self.epoch_samples // num_workers + (worker < self.epoch_samples % num_workers)
+        # Whole batches per worker (each drops its own partial one), as image_text splits an epoch.
+        quota = worker_quota(self.epoch_samples, self.batch_size, self.drop_last, worker, num_workers)
         budget = self.max_length - 2  # pieces and separators between bos and the final eos
         eos = self.collate.tokenizer.eos_id
         for _ in range(quota):
@@ -290,8 +292,9 @@ def text(
         batch_size: rows per batch.
         max_length: row length, bos and eos included (default: the tokenizer's context length).
         pack: fill rows with consecutive sentences of the drawn language (training only).
-        epoch_samples: rows per epoch and rank: language-sampled, resampled streams (training).
-            None: read every sentence once, one per row (evaluation).
+        epoch_samples: rows per epoch and rank: language-sampled, resampled streams (training);
+            with ``drop_last`` rounded up to whole batches, as ``image_text``'s. None: read every
+            sentence once, one per row (evaluation).
         num_workers: DataLoader worker processes (0: in this process).
         shuffle_buffer: samples in each language's shuffle buffer when training.
         drop_last: drop each worker's final partial batch (default: ``context.training``).
