@@ -48,7 +48,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", help="config file, or a bundled config name such as clip_tiny.yaml")
     p.add_argument("overrides", nargs="*", metavar="a.b=c", help="config overrides, e.g. train.max_steps=100")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the output dir")
-    p.add_argument("--output-dir", help="run folder (default: train.output_dir or runs/<config name>)")
+    p.add_argument(
+        "--output-dir",
+        help="run folder (default: train.output_dir or runs/<config name>); a run without --resume needs one "
+        "without checkpoints",
+    )
     p.add_argument(
         "--import",
         dest="imports",

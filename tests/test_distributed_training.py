@@ -190,6 +190,67 @@ def test_an_fsdp_checkpoint_resumes_on_one_or_two_processes(tmp_path, demo):
     assert model.encode_text(tokenizer(["a handwritten two."])).shape == (1, 32)
 
 
+def test_each_rank_resumes_its_own_data_position_when_ranks_read_uneven_shards(tmp_path, demo):
+    """Without resample, each epoch deals a 6-sample shard (2 batches of 3) to one rank and a 9-sample one (3) to the
+    other: at the step-5 checkpoint the ranks stand at different places, and each must continue from its own (rank
+    0's position replayed on rank 1 continues with another batch, so the losses after the resume would differ)."""
+    import io
+    import shutil
+
+    from PIL import Image
+
+    from mmptm.data_pipelines.shards import open_tar_writer
+
+    (tmp_path / "shards").mkdir()
+    for shard, size in enumerate((6, 9)):
+        with open(tmp_path / "shards" / f"{shard:05d}.tar", "wb") as stream, open_tar_writer(stream) as tar:
+            for i in range(size):
+                buffer = io.BytesIO()
+                Image.new("RGB", (8, 8), (shard * 120, i * 16, 255 - i * 16)).save(buffer, format="png")
+                caption = f"a handwritten {i % 10}".encode()
+                tar.write({"__key__": f"{shard}-{i:03d}", "png": buffer.getvalue(), "txt": caption})
+    overrides = [f"data.train={{name: image_text, shards: '{tmp_path / 'shards'}', batch_size: 3, num_workers: 0, "
+                 "shuffle_buffer: 4, resample: false}", "train.max_steps=7", "train.checkpoint_every=5"]
+    train(tmp_path / "full", 2, overrides)
+    reference = losses(tmp_path / "full")
+    state = json.loads((tmp_path / "full/checkpoints/step_00000005/training_state/state.json").read_text())
+    positions = sorted((p["train"]["epoch"], p["train"]["batches_in_epoch"]) for p in state["data_per_rank"])
+    assert positions == [(1, 2), (1, 3)]  # 5 batches each: 3 + 2 and 2 + 3 (shards are shuffled per epoch)
+
+    run = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "full", run)
+    shutil.rmtree(run / "checkpoints" / "step_00000007")
+    (run / "checkpoints" / "latest").write_text("step_00000005")
+    (run / "metrics.jsonl").write_text("")
+    train(run, 2, [*overrides, "--resume"])
+    torch.testing.assert_close(torch.tensor(losses(run)), torch.tensor(reference[5:]), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("saved_by", "world", "rank", "expected", "warns"),
+    [(2, 2, 1, (0, 3), False), (2, 2, 0, (1, 1), False), (2, 3, 1, (1, 1), True), (None, 2, 1, (1, 1), True),
+     (None, 1, 0, (1, 1), False)],
+    ids=["same count rank 1", "same count rank 0", "other count", "older checkpoint", "older, one process"],
+)
+def test_resumed_data_positions_by_process_count(caplog, saved_by, world, rank, expected, warns):
+    """Own position on the checkpoint's process count; rank 0's (with a warning) on another or without per-rank ones."""
+    from types import SimpleNamespace
+
+    from mmptm.training.trainer import Trainer
+
+    shared = {"train": {"epoch": 1, "batches_in_epoch": 1, "skipped_ids": ["a#1"], "skipped_uncounted": 0}}
+    state = {"data": shared}
+    if saved_by is not None:
+        state["data_per_rank"] = [{"train": {"epoch": 1, "batches_in_epoch": 1}},
+                                  {"train": {"epoch": 0, "batches_in_epoch": 3}}][:saved_by]
+    trainer = SimpleNamespace(accelerator=SimpleNamespace(num_processes=world, process_index=rank), is_main=True)
+    with caplog.at_level("WARNING", logger="mmptm.train"):
+        position = Trainer._rank_data_positions(trainer, state, Path("step_00000003"))["train"]
+    assert (position["epoch"], position["batches_in_epoch"]) == expected
+    assert position["skipped_ids"] == ["a#1"]  # shared by every rank
+    assert ("continues its data streams from rank 0's" in caplog.text) == warns
+
+
 @pytest.mark.parametrize("config", ["visualbert_tiny.yaml", "vilbert_tiny.yaml"])
 def test_fusion_models_train_with_ddp_and_keep_the_ranks_weights_equal(tmp_path, demo, config):
     # ITM, MLM and MRM run several forward passes per step, some through the unwrapped model (the tower,

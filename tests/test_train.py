@@ -6,6 +6,7 @@ import io
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -325,3 +326,95 @@ def test_cpu_offload_without_gpus_is_rejected_with_the_reason(demo):
     config = mmptm.load_config("clip_tiny.yaml", [*TINY, "distributed.strategy=fsdp", "distributed.cpu_offload=true"])
     with pytest.raises(mmptm.ConfigError, match="needs distributed.strategy=fsdp and GPUs"):
         mmptm.train(config, output_dir=None)
+
+
+def test_logged_lr_is_the_one_each_step_trained_with(tmp_path, demo):
+    """Warmup over 2 steps, then cosine decay: step s (1-based) trains with lr * lr_lambda(s - 1)."""
+    from mmptm.training.optim import lr_lambda
+
+    overrides = [*TINY, "train.lr=1e-3", "train.min_lr=1e-5", "train.max_steps=3", "eval.zeroshot=null"]
+    mmptm.train(mmptm.load_config("clip_tiny.yaml", overrides), output_dir=tmp_path)
+    logged = {r["step"]: r["train/lr"] for r in read_metrics(tmp_path) if "train/lr" in r}
+    expected = {step: 1e-3 * lr_lambda(step - 1, warmup_steps=2, max_steps=3, schedule="cosine", min_lr_ratio=1e-2)
+                for step in (1, 2, 3)}
+    assert logged == pytest.approx(expected, rel=1e-9)
+    assert logged[1] == pytest.approx(5e-4) and logged[3] == pytest.approx(1e-3)  # half warm; decay starts after
+
+
+def test_a_fresh_run_refuses_a_folder_that_holds_checkpoints(tmp_path, demo):
+    """Without --resume, another run's checkpoints would mix with the new run's (and rotation would mix them up)."""
+    overrides = [*TINY, "train.max_steps=1", "eval.zeroshot=null"]
+    mmptm.train(mmptm.load_config("clip_tiny.yaml", overrides), output_dir=tmp_path)
+    before = (tmp_path / "checkpoints" / "step_00000001" / "model.safetensors").read_bytes()
+    with pytest.raises(mmptm.ConfigError, match=rf"{re.escape(str(tmp_path))}.* already holds checkpoints.*--resume"):
+        mmptm.train(mmptm.load_config("clip_tiny.yaml", [*overrides, "train.lr=2e-3"]), output_dir=tmp_path)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000001"]
+    assert (tmp_path / "checkpoints" / "step_00000001" / "model.safetensors").read_bytes() == before
+
+
+def test_the_fp16_loss_scaler_is_checkpointed_and_restored(tmp_path, demo):
+    """accelerate's GradScaler (fp16 runs, CUDA) goes into the training state; a CPU run gets one by hand here."""
+    from mmptm.training.trainer import Trainer
+
+    config = mmptm.load_config("clip_tiny.yaml", [*TINY, "eval.zeroshot=null"])
+    trainer = Trainer(config, output_dir=tmp_path)
+    assert trainer.accelerator.scaler is None  # fp32: nothing to save
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=3)
+    scaled = {"scale": 2.0**9, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 3, "_growth_tracker": 2}
+    trainer.accelerator.scaler.load_state_dict(scaled)
+    checkpoint = trainer.save()
+    assert (checkpoint / "training_state" / "scaler.pt").is_file()
+
+    resumed = Trainer(config, output_dir=tmp_path, resume=True)
+    resumed.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=3)
+    resumed._restore()
+    assert resumed.accelerator.scaler.state_dict() == scaled
+
+
+# A user script that keeps its Trainer in a module-level variable until Python exits.
+TRAINER_KEPT = """
+import multiprocessing, sys
+import mmptm
+from mmptm.training.trainer import Trainer
+
+trainer = Trainer(mmptm.load_config("clip_tiny.yaml", sys.argv[2:]), output_dir=sys.argv[1])
+trainer.fit()
+print("workers after fit:", len(multiprocessing.active_children()))
+"""
+
+
+def test_a_script_keeping_its_trainer_exits_after_fit(tmp_path, demo):
+    """fit() shuts its DataLoader workers down: they ignore SIGTERM, with which Python's exit stops them."""
+    overrides = [*TINY, "data.train.num_workers=1", "train.max_steps=2", "eval.zeroshot=null"]
+    try:
+        # The timeout detects a hang (the script takes seconds); it is no speed target.
+        done = subprocess.run(
+            [sys.executable, "-c", TRAINER_KEPT, str(tmp_path), *overrides], capture_output=True, text=True, timeout=120
+        )
+    except subprocess.TimeoutExpired as hang:
+        pytest.fail(f"the script did not exit after fit(): {hang.stdout!r} {hang.stderr!r}")
+    assert done.returncode == 0, done.stderr
+    assert "workers after fit: 0" in done.stdout
+
+
+def test_a_closed_data_stream_continues_where_it_stopped():
+    from mmptm.training.trainer import DataStream
+
+    class Epochs:
+        """Epoch e yields the batches (e, 0), (e, 1), (e, 2)."""
+
+        epoch = 0
+
+        def set_epoch(self, epoch: int) -> None:
+            self.epoch = epoch
+
+        def __iter__(self):
+            return iter([{"batch": (self.epoch, i)} for i in range(3)])
+
+    uninterrupted = DataStream("s", Epochs())
+    expected = [uninterrupted.next_batch()["batch"] for _ in range(8)]
+    stream, drawn = DataStream("s", Epochs()), []
+    for count in (2, 1, 4, 1):  # closed mid-epoch, at an epoch's end, and again
+        drawn += [stream.next_batch()["batch"] for _ in range(count)]
+        stream.close()
+    assert drawn == expected

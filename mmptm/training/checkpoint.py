@@ -7,12 +7,14 @@ Layout (DESIGN.md sec 2)::
         model.safetensors    weights (never pickled)
         tokenizer.model      the sentencepiece model the text tower reads (or, for an
                              imported CLIP, its BPE vocab.json + merges.txt)
-        training_state/      optimizer.pt, scheduler.pt, rng.pt, state.json (step, data position, counters)
+        training_state/      optimizer.pt, scheduler.pt, rng.pt, scaler.pt (fp16 loss scaling only),
+                             state.json (step, every rank's data position, counters)
     <run>/checkpoints/latest  name of the newest complete checkpoint
 
 A checkpoint is written into a temporary sibling folder and renamed into
 place, and ``latest`` is replaced atomically afterwards, so a crash at any
-moment leaves the previous checkpoint as the latest complete one.
+moment leaves the previous checkpoint as the latest complete one; the next
+save removes the staging folders such a crash leaves behind.
 """
 
 from __future__ import annotations
@@ -34,6 +36,12 @@ from torch import nn
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d{8})$")
 LATEST = "latest"
+STAGING_GLOB = ".tmp-step_*"
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    """The optimizer step a ``step_XXXXXXXX`` folder holds."""
+    return int(CHECKPOINT_PATTERN.match(checkpoint.name).group(1))
 
 
 def checkpoints_dir(run_dir: str | Path) -> Path:
@@ -98,8 +106,12 @@ def save_checkpoint(
     state: dict[str, Any] | None = None,
     keep: int = 3,
     staging: Path | None = None,
+    scaler: Any = None,
 ) -> Path:
     """Write ``step_XXXXXXXX`` atomically, point ``latest`` at it and keep the newest ``keep``.
+
+    Rotation keeps the checkpoint just written and the ``keep - 1`` newest before it; checkpoints of
+    later steps (left by another run in the folder) are never removed, nor do they count.
 
     Args:
         run_dir: the run's output folder.
@@ -114,6 +126,7 @@ def save_checkpoint(
         keep: how many step checkpoints to keep.
         staging: the temporary folder to fill and rename, when other processes already wrote
             into it (see :func:`staging_dir`); default: a new one.
+        scaler: the fp16 loss scaler (``torch.amp.GradScaler``) whose state to save with the training state.
 
     Returns:
         The checkpoint folder.
@@ -135,6 +148,8 @@ def save_checkpoint(
                 torch.save(state_dict, ts / "optimizer.pt")
             if scheduler is not None:
                 torch.save(scheduler.state_dict(), ts / "scheduler.pt")
+            if scaler is not None:
+                torch.save(scaler.state_dict(), ts / "scaler.pt")
             torch.save(rng_state(), ts / "rng.pt")
             payload = {"step": step, **(state or {}), "rng": _json_rng_state()}
             (ts / "state.json").write_text(json.dumps(payload), encoding="utf-8")
@@ -145,8 +160,12 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _write_atomic(root / LATEST, final.name)
-    for old in list_checkpoints(run_dir)[:-keep]:
+    up_to_now = [c for c in list_checkpoints(run_dir) if checkpoint_step(c) <= step]
+    for old in up_to_now[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+    # Staging folders of saves killed before their rename: only the main process saves, one at a time.
+    for stale in root.glob(STAGING_GLOB):
+        shutil.rmtree(stale, ignore_errors=True)
     return final
 
 
@@ -196,9 +215,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def load_training_state(
-    checkpoint: Path, optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None
+    checkpoint: Path, optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None, scaler: Any = None
 ) -> dict[str, Any]:
-    """Restore the scheduler and RNG state (and ``optimizer``'s, when given); return ``state.json``.
+    """Restore the scheduler and RNG state (and ``optimizer``'s and ``scaler``'s, when given); return ``state.json``.
+
+    A checkpoint without ``scaler.pt`` (a run without fp16 loss scaling) leaves ``scaler`` as it is.
 
     The optimizer state is in ``training_state/optimizer.pt`` (``optimizer_state_file``) for callers
     that restore it themselves, e.g. into a sharded optimizer.
@@ -210,6 +231,8 @@ def load_training_state(
         optimizer.load_state_dict(torch.load(optimizer_state_file(checkpoint), map_location="cpu", weights_only=True))
     if scheduler is not None and (ts / "scheduler.pt").is_file():
         scheduler.load_state_dict(torch.load(ts / "scheduler.pt", weights_only=True))
+    if scaler is not None and (ts / "scaler.pt").is_file():
+        scaler.load_state_dict(torch.load(ts / "scaler.pt", weights_only=True))
     rng = torch.load(ts / "rng.pt", weights_only=True)
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
 from safetensors.torch import load_file
 from torch import nn
 
@@ -47,6 +47,7 @@ from mmptm.registry import DATASETS, EVALUATORS, OBJECTIVES, build
 from mmptm.training.checkpoint import (
     distributed_state_dir,
     latest_checkpoint,
+    list_checkpoints,
     load_training_state,
     load_weights,
     optimizer_state_file,
@@ -146,6 +147,16 @@ class DataStream:
                 self.replay_batches -= 1  # trained on before the interruption
                 continue
             return batch
+
+    def close(self) -> None:
+        """Drop the current epoch's iterator, which shuts its DataLoader workers down.
+
+        The next :meth:`next_batch` continues where this one stopped (the epoch's
+        batches drawn so far are drawn again and dropped, as after an exact resume).
+        """
+        if self._iterator is not None:
+            self._iterator = None
+            self.replay_batches += self.batches_in_epoch
 
     def position(self) -> dict[str, Any]:
         return {
@@ -390,13 +401,50 @@ class Trainer:
                 torch.load(optimizer_state_file(checkpoint), map_location="cpu", weights_only=True),
                 self.sharded,
             )
-        state = load_training_state(checkpoint, scheduler=self.scheduler)
+        state = load_training_state(checkpoint, scheduler=self.scheduler, scaler=self.accelerator.scaler)
         self.step = state["step"]
         self.samples_seen = state.get("samples_seen", 0)
-        for name, position in state.get("data", {}).items():
+        for name, position in self._rank_data_positions(state, checkpoint).items():
             if name in self.streams:
                 self.streams[name].restore(position, main=self.is_main, exact=self.config.train.data_resume == "exact")
         logger.info("resumed from %s at step %d", checkpoint, self.step)
+
+    def _rank_data_positions(self, state: dict[str, Any], checkpoint: Path) -> dict[str, dict[str, Any]]:
+        """This rank's position in each data stream of a checkpoint's ``state.json``.
+
+        Without ``resample``, ranks read different shards and may count different batches per epoch:
+        each continues from its own position when the process count is the checkpoint's. With another
+        count the shards are split differently and no saved position is exact: every rank continues
+        from rank 0's (as do checkpoints written before the per-rank positions were saved).
+        """
+        shared = state.get("data", {})
+        per_rank = state.get("data_per_rank")
+        world = self.accelerator.num_processes
+        if per_rank is not None and len(per_rank) == world:
+            own = per_rank[self.accelerator.process_index]
+            return {name: {**position, **own.get(name, {})} for name, position in shared.items()}
+        if self.is_main and (world > 1 or per_rank is not None):
+            saved_by = f"{len(per_rank)} processes" if per_rank is not None else "a version without per-rank positions"
+            logger.warning(
+                "%s was saved by %s and resumes on %d: every rank continues its data streams from rank 0's "
+                "position, so some samples of the interrupted epoch may be read twice or not at all",
+                checkpoint, saved_by, world,
+            )
+        return shared
+
+    def _refuse_used_output_dir(self) -> None:
+        """Refuse to start a fresh run where an earlier run left checkpoints.
+
+        Its checkpoints would mix with this run's: ``latest``, checkpoint rotation and ``--resume``
+        would pick up the earlier run's weights and training state.
+        """
+        if found := list_checkpoints(self.output_dir):
+            raise ConfigError(
+                f"output dir '{self.output_dir}' already holds checkpoints of an earlier run "
+                f"(newest: {found[-1].name}); "
+                "continue that run with --resume (Trainer(..., resume=True)), or start this one in another or "
+                "an empty output dir (--output-dir)"
+            )
 
     # ------------------------------------------------------------------ logging
 
@@ -449,6 +497,10 @@ class Trainer:
             optimizer_full = optimizer_state(self.trained_modules, self._inner_optimizer(), sharded=False)
         # The consolidated weights, for inference (a collective under FSDP; rank 0 gets them).
         weights = model_state(self.model, self.sharded)
+        # Each rank's position: without resample, ranks may count different batches per epoch.
+        positions = {name: {"epoch": stream.epoch, "batches_in_epoch": stream.batches_in_epoch}
+                     for name, stream in self.streams.items()}
+        every_rank = gather_object([positions]) if self.accelerator.num_processes > 1 else [positions]
         if self.is_main:
             data = {
                 name: {
@@ -458,7 +510,7 @@ class Trainer:
                 }
                 for name, stream in self.streams.items()
             }
-            state = {"samples_seen": self.samples_seen, "data": data}
+            state = {"samples_seen": self.samples_seen, "data": data, "data_per_rank": every_rank}
             path = save_checkpoint(
                 self.output_dir,
                 self.step,
@@ -470,6 +522,7 @@ class Trainer:
                 scheduler=self.scheduler,
                 state=state,
                 keep=self.config.train.keep_checkpoints,
+                scaler=self.accelerator.scaler,
             )
             logger.info("saved checkpoint %s", path)
         self.accelerator.wait_for_everyone()
@@ -666,6 +719,8 @@ class Trainer:
         tc = self.config.train
         if self.resume:
             self._restore()
+        else:
+            self._refuse_used_output_dir()
         self._open_logs()
         previous_handlers = self._install_signal_handlers()
         progress = None
@@ -681,6 +736,7 @@ class Trainer:
             self.train_model.train()
             while self.step < tc.max_steps:
                 self._update_frozen_towers(self.step)
+                step_lr = self.scheduler.get_last_lr()[0]  # the step below trains with it, then steps the schedule
                 totals, samples = self._train_step()
                 self.step += 1
                 self.samples_seen += samples
@@ -694,7 +750,7 @@ class Trainer:
                 if self.step % tc.log_every == 0 or self.step == tc.max_steps:
                     elapsed = time.perf_counter() - interval_start
                     metrics = self._reduce_interval(interval, interval_counts)
-                    metrics["train/lr"] = self.scheduler.get_last_lr()[0]
+                    metrics["train/lr"] = step_lr
                     metrics["train/samples_per_second"] = interval_samples / max(elapsed, 1e-9)
                     metrics["train/samples_seen"] = self.samples_seen
                     metrics["data/skipped_samples"] = self._skipped_total()
@@ -738,6 +794,9 @@ class Trainer:
                 # down. SIG_IGN, unlike a Python handler, survives the interpreter's finalisation.
                 signal.signal(sig, handler if self.stopped_by is None else signal.SIG_IGN)
             self._close_logs()
+            for stream in self.streams.values():
+                # Workers left running would outlive fit() in a script that keeps the Trainer.
+                stream.close()
 
     def _should_stop(self) -> bool:
         if self.accelerator.num_processes == 1:
@@ -770,8 +829,6 @@ class Trainer:
         streams = self.streams
         uncounted = {name: stream.skipped_uncounted for name, stream in streams.items()}
         if self.accelerator.num_processes > 1:
-            from accelerate.utils import gather_object
-
             for rank_new in gather_object([{name: s.new_skipped_ids for name, s in streams.items()}]):
                 for name, ids in rank_new.items():
                     streams[name].merge_skipped(ids)
