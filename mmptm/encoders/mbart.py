@@ -399,9 +399,10 @@ class MBart(nn.Module):
         summed log-probability; an extension by the hypothesis's last ``</s>`` (see ``sentences``)
         among the first ``beam_size`` is finished (scored ``sum log p / length ** length_penalty``),
         the best other extensions are the next hypotheses. A row is done when it has
-        ``beam_size`` finished hypotheses; at ``max_length`` the open ones of a row not done
-        join its finished ones as they are. The best finished hypothesis wins. With
-        ``beam_size=1`` this is greedy decoding.
+        ``beam_size`` finished hypotheses; at ``max_length`` the last step's ended and open
+        hypotheses of a row not done all join its finished ones (the open ones as they are,
+        without ``</s>``), as fairseq and transformers rank them at the length limit. The best
+        finished hypothesis wins. With ``beam_size=1`` this is greedy decoding.
 
         Args:
             source / languages / max_length / length_penalty / sentences: as :meth:`generate`.
@@ -421,6 +422,9 @@ class MBart(nn.Module):
         scores[:, 0] = 0.0
         finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]
         for step in range(max_length):
+            last = step == max_length - 1
+            # Rows already done; at the last step the others' ended and open hypotheses compete together.
+            done = [len(hypotheses) >= beam_size for hypotheses in finished]
             log_probs = self.next_token_log_probs(self.logits(self.decode(tokens[:, -1:], memory, caches)[:, -1]))
             vocab = log_probs.shape[-1]
             candidates = (scores[:, :, None] + log_probs.view(batch, beam_size, vocab)).view(batch, -1)
@@ -429,15 +433,15 @@ class MBart(nn.Module):
             rows, next_tokens, next_scores = [], [], []
             for row, (beams, row_tokens, row_scores) in enumerate(ranked):
                 extended: list[tuple[int, int, float]] = []
-                if len(finished[row]) < beam_size:
+                if not done[row]:
                     # </s> ends the hypotheses at their last sentence; elsewhere it is a separator like any token
                     end_id = [self.eos_id if ends_seen[row * beam_size + beam] + 1 == ends[row] else -1
                               for beam in range(beam_size)]
                     extended, ended = _split_extensions(beams, row_tokens, row_scores, beam_size, end_id)
-                    for beam, score in ended[: beam_size - len(finished[row])]:
+                    for beam, score in ended if last else ended[: beam_size - len(finished[row])]:
                         prefix = tokens[row * beam_size + beam, 1:].tolist()
                         finished[row].append((score / (step + 1) ** length_penalty, [*prefix, self.eos_id]))
-                if len(finished[row]) >= beam_size or not extended:
+                if (len(finished[row]) >= beam_size and not last) or done[row] or not extended:
                     extended = [(0, self.pad_id, float("-inf"))]  # done: a placeholder keeps the shapes
                 extended += [(*extended[-1][:2], float("-inf"))] * (beam_size - len(extended))
                 for beam, token, score in extended:
@@ -450,11 +454,11 @@ class MBart(nn.Module):
             ends_seen = [ends_seen[h] + (token == self.eos_id) for h, token in zip(rows, next_tokens, strict=True)]
             tokens = torch.cat([tokens[index], torch.tensor(next_tokens, device=device)[:, None]], dim=1)
             scores = torch.tensor(next_scores, device=device).view(batch, beam_size)
-            if all(len(done) >= beam_size for done in finished):
+            if not last and all(len(hypotheses) >= beam_size for hypotheses in finished):
                 break
         else:  # max_length reached: the open hypotheses of the rows not done compete as they are, without </s>
             for row in range(batch):
-                if len(finished[row]) >= beam_size:
+                if done[row]:
                     continue
                 for beam, score in enumerate(scores[row].tolist()):
                     if score != float("-inf"):
