@@ -249,8 +249,10 @@ class MBart(nn.Module):
         end = offset + tokens.shape[1]
         if end > self.max_positions:
             raise ValueError(f"mbart: a sequence of {end} tokens is longer than max_positions={self.max_positions}")
-        tokens_embedded = self.token_embedding(tokens) * self.embedding_scale
-        return norm(tokens_embedded + positions(torch.arange(offset, end, device=tokens.device)))
+        embedded = self.token_embedding(tokens)
+        if self.embedding_scale != 1.0:
+            embedded = embedded * self.embedding_scale
+        return norm(embedded + positions(torch.arange(offset, end, device=tokens.device)))
 
     def encode(self, source: torch.Tensor) -> Memory:
         """Encode ``source [B, S]`` (``pad_id`` masked out) into every decoder layer's cross-attention keys/values."""

@@ -99,9 +99,10 @@ class MultilingualEncoder(nn.Module):
         eps = 1e-5 if layer_norm_eps is None else layer_norm_eps
         if norm_first:
             self.transformer = Transformer(width, layers, heads, mlp_ratio, act)
-            for module in self.transformer.modules():  # layers.py builds its norms with PyTorch's default eps
-                if isinstance(module, nn.LayerNorm):
-                    module.eps = eps
+            if layer_norm_eps is not None:  # layers.py builds its norms with PyTorch's default eps
+                for module in self.transformer.modules():
+                    if isinstance(module, nn.LayerNorm):
+                        module.eps = eps
             self.ln_final = nn.LayerNorm(width, eps=eps)
         else:
             self.embedding_norm = nn.LayerNorm(width, eps=eps)

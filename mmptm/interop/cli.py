@@ -36,34 +36,33 @@ def add_convert_parser(sub: argparse._SubParsersAction) -> None:
                     "default: the one open_clip ships")
     oc.set_defaults(func=_convert_open_clip)
 
-    hf = convert_sub.add_parser("hf", help="a Hugging Face CLIPModel folder (config.json + safetensors)")
-    hf.add_argument("model_dir", help="folder written by CLIPModel.save_pretrained (with its tokenizer files)")
-    hf.add_argument("output_dir", help="checkpoint folder to create")
+    hf = _hf_folder_parser(convert_sub, "hf", "folder written by CLIPModel.save_pretrained (with its tokenizer files)",
+                           help="a Hugging Face CLIPModel folder (config.json + safetensors)")
     hf.set_defaults(func=_convert_hf)
 
-    vb = convert_sub.add_parser(
+    vb = _hf_folder_parser(
+        convert_sub,
         "hf-visualbert",
+        SAVE_PRETRAINED_FOLDER,
         help="a Hugging Face VisualBertModel / VisualBertForPreTraining folder",
         description="Import VisualBERT (Li et al. 2019) weights, with the pretraining heads when present "
         "(cls.predictions -> the masked-LM head, cls.seq_relationship -> the image-text matching head), as a "
         "visualbert checkpoint that reads region features (vision: null).",
     )
-    vb.add_argument("model_dir", help="folder written by save_pretrained (config.json + model.safetensors/.bin)")
-    vb.add_argument("output_dir", help="checkpoint folder to create")
     vb.add_argument("--tokenizer", help="BERT's vocab.txt or a folder with it (default: the model folder's); the "
                     "released checkpoints use bert-base-uncased's")
     vb.add_argument("--context-length", type=int, default=128, help="text positions per row, [CLS] and [SEP] included")
     vb.set_defaults(func=_convert_hf_visualbert)
 
-    xlmr = convert_sub.add_parser(
+    xlmr = _hf_folder_parser(
+        convert_sub,
         "hf-xlmr",
+        SAVE_PRETRAINED_FOLDER,
         help="a Hugging Face XLMRobertaForMaskedLM / XLMRobertaModel folder (XLM-R)",
         description="Import XLM-R (Conneau et al. 2020) weights, with the masked-LM head when present, as a "
         "multilingual_encoder checkpoint (post-norm layers, no language embeddings) that continues pretraining "
         "with mmlm, tlm, clwr and clpc; the tokenizer is the folder's sentencepiece.bpe.model in fairseq's ids.",
     )
-    xlmr.add_argument("model_dir", help="folder written by save_pretrained (config.json + model.safetensors/.bin)")
-    xlmr.add_argument("output_dir", help="checkpoint folder to create")
     xlmr.add_argument("--languages", nargs="+", help="language codes recorded in the model config (default: none; "
                       "without language embeddings the model takes any language)")
     xlmr.add_argument("--context-length", type=int, help="token rows of the saved tokenizer, <s> and </s> included "
@@ -71,16 +70,15 @@ def add_convert_parser(sub: argparse._SubParsersAction) -> None:
     xlmr.add_argument("--tokenizer", help="sentencepiece.bpe.model or a folder with it (default: the model folder's)")
     xlmr.set_defaults(func=_convert_hf_xlmr)
 
-    mbart = convert_sub.add_parser(
+    mbart = _hf_folder_parser(
+        convert_sub,
         "hf-mbart",
+        "folder with config.json, model.safetensors/pytorch_model.bin and sentencepiece.bpe.model",
         help="a Hugging Face MBartForConditionalGeneration / MBartModel folder (mbart-large-cc25, mbart-large-50)",
         description="Import mBART (Liu et al. 2020) weights as an mbart checkpoint that continues denoising "
         "pretraining and decodes; the tokenizer is the folder's sentencepiece.bpe.model in fairseq's ids, its "
         "language codes (e.g. en_XX) the model's languages.",
     )
-    mbart.add_argument("model_dir", help="folder with config.json, model.safetensors/pytorch_model.bin and "
-                       "sentencepiece.bpe.model")
-    mbart.add_argument("output_dir", help="checkpoint folder to create")
     mbart.add_argument("--languages", nargs="+", default=[], metavar="NAME=CODE",
                        help="name language codes as the data does, e.g. en=en_XX fr=fr_XX (default: the codes)")
     mbart.add_argument("--tokenizer", help="sentencepiece.bpe.model or a folder with it (default: the model folder's)")
@@ -91,6 +89,19 @@ def add_convert_parser(sub: argparse._SubParsersAction) -> None:
     to_hf.add_argument("checkpoint", help="mmptm checkpoint or run folder")
     to_hf.add_argument("output_dir", help="folder to create")
     to_hf.set_defaults(func=_convert_to_hf)
+
+
+SAVE_PRETRAINED_FOLDER = "folder written by save_pretrained (config.json + model.safetensors/.bin)"
+
+
+def _hf_folder_parser(
+    convert_sub: argparse._SubParsersAction, name: str, model_help: str, **parser_options: str
+) -> argparse.ArgumentParser:
+    """A ``mmptm convert <name> MODEL_DIR OUTPUT_DIR`` subcommand that imports a Hugging Face folder."""
+    parser = convert_sub.add_parser(name, **parser_options)
+    parser.add_argument("model_dir", help=model_help)
+    parser.add_argument("output_dir", help="checkpoint folder to create")
+    return parser
 
 
 def _report(output: object, **fields: object) -> int:

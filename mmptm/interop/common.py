@@ -12,10 +12,13 @@ import tempfile
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
+
+if TYPE_CHECKING:
+    from mmptm.data_pipelines.fairseq_spm import FairseqSentencePieceTokenizer
 
 
 class ConversionError(ValueError):
@@ -225,3 +228,33 @@ def training_overrides(checkpoint: str | Path) -> str:
     model_yaml = yaml.safe_dump(model, default_flow_style=True, width=float("inf"), sort_keys=False).strip()
     return " ".join(shlex.quote(item) for item in
                     (f"train.init_from={checkpoint}", f"tokenizer.path={checkpoint}", f"model={model_yaml}"))
+
+
+def read_fairseq_tokenizer(source: Path, context_length: int, model: str) -> FairseqSentencePieceTokenizer:
+    """XLM-R's or mBART's tokenizer: ``sentencepiece.bpe.model`` in fairseq's ids, from a folder or the file.
+
+    A folder (or a file named ``sentencepiece.bpe.model``) gives the language codes its
+    ``tokenizer_config.json`` names; a model file of another name gives none.
+
+    Args:
+        source: the folder or the model file.
+        context_length: the tokenizer's row length.
+        model: the model's name, for messages (``XLM-R``, ``mBART``).
+
+    Raises:
+        ConversionError: no such file, or one that is not a sentencepiece model in fairseq's layout.
+    """
+    from mmptm.data_pipelines.fairseq_spm import FairseqSentencePieceTokenizer, load_fairseq_tokenizer
+    from mmptm.data_pipelines.tokenizer import FAIRSEQ_MODEL_FILENAME
+
+    try:
+        if source.is_file() and source.name != FAIRSEQ_MODEL_FILENAME:
+            return FairseqSentencePieceTokenizer(source, context_length)
+        return load_fairseq_tokenizer(source.parent if source.is_file() else source, context_length)
+    except FileNotFoundError as err:
+        raise ConversionError(
+            f"tokenizer: {err}: {model}'s tokenizer is the '{FAIRSEQ_MODEL_FILENAME}' of its Hugging Face "
+            "folder; pass --tokenizer with that file or a folder holding it"
+        ) from None
+    except ValueError as err:
+        raise ConversionError(f"tokenizer: {source}: {err}") from None

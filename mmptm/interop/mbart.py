@@ -44,7 +44,14 @@ from mmptm.data_pipelines.fairseq_spm import (
     MBART_CC25_LANGUAGE_CODES,
     FairseqSentencePieceTokenizer,
 )
-from mmptm.interop.common import ConversionError, read_hf_config, read_hf_weights, rename_tensor, write_checkpoint
+from mmptm.interop.common import (
+    ConversionError,
+    read_fairseq_tokenizer,
+    read_hf_config,
+    read_hf_weights,
+    rename_tensor,
+    write_checkpoint,
+)
 
 # MBartLearnedPositionalEmbedding's offset: position i is row i + 2 of Hugging Face's table.
 POSITION_OFFSET = 2
@@ -299,8 +306,6 @@ def import_hf_mbart(
             a tokenizer whose vocabulary does not fit the embeddings (or without language codes, where
             none of the released models' fits), or unknown language codes.
     """
-    from mmptm.data_pipelines.tokenizer import load_tokenizer
-
     model_dir = Path(model_dir)
     hf_config, config_file = read_hf_config(model_dir)
     config = mbart_config_from_hf(hf_config, config_file)
@@ -311,15 +316,7 @@ def import_hf_mbart(
             f"context length {context_length} must be in [1, max_position_embeddings={config['max_positions']}]"
         )
     tokenizer_dir = Path(tokenizer) if tokenizer is not None else model_dir
-    try:
-        text_tokenizer = load_tokenizer(tokenizer_dir, context_length=context_length)
-    except (FileNotFoundError, ValueError) as err:
-        raise ConversionError(f"tokenizer: {err}") from None
-    if not isinstance(text_tokenizer, FairseqSentencePieceTokenizer):
-        raise ConversionError(
-            f"tokenizer: '{tokenizer_dir}' holds a {type(text_tokenizer).__name__}, not mBART's "
-            "'sentencepiece.bpe.model' (fairseq's ids)"
-        )
+    text_tokenizer = read_fairseq_tokenizer(tokenizer_dir, context_length, "mBART")
     if not text_tokenizer.language_token_ids:
         text_tokenizer = _with_released_language_codes(text_tokenizer, hf_config.get("vocab_size"), tokenizer_dir)
     codes = text_tokenizer.language_token_ids

@@ -28,11 +28,11 @@ from typing import Any, NamedTuple
 
 import torch
 
-from mmptm.data_pipelines.fairseq_spm import FairseqSentencePieceTokenizer, load_fairseq_tokenizer
 from mmptm.data_pipelines.tokenizer import FAIRSEQ_MODEL_FILENAME
 from mmptm.interop.common import (
     HF_BERT_LAYER_RENAMES,
     ConversionError,
+    read_fairseq_tokenizer,
     read_hf_config,
     read_hf_weights,
     rename_tensor,
@@ -190,25 +190,6 @@ def xlmr_state_dict_from_hf(hf_state: dict[str, torch.Tensor]) -> tuple[dict[str
     return out, dropped
 
 
-def xlmr_tokenizer(source: Path, context_length: int) -> FairseqSentencePieceTokenizer:
-    """The fairseq-layout tokenizer of a folder holding ``sentencepiece.bpe.model``, or of the model file itself.
-
-    Raises:
-        ConversionError: no such file, or not a sentencepiece model in fairseq's layout.
-    """
-    try:
-        if source.is_dir():
-            return load_fairseq_tokenizer(source, context_length)
-        return FairseqSentencePieceTokenizer(source, context_length)
-    except FileNotFoundError as err:
-        raise ConversionError(
-            f"{err}: XLM-R's tokenizer is its '{FAIRSEQ_MODEL_FILENAME}' (in the Hugging Face folder of "
-            "xlm-roberta-base/-large); pass --tokenizer with that file or a folder holding it"
-        ) from None
-    except ValueError as err:
-        raise ConversionError(f"{source}: {err}") from None
-
-
 def import_hf_xlmr(
     model_dir: str | Path,
     output_dir: str | Path,
@@ -249,7 +230,7 @@ def import_hf_xlmr(
     context_length = positions if context_length is None else context_length
     if context_length > positions:
         raise ConversionError(f"context length {context_length} exceeds the checkpoint's {positions} positions")
-    text_tokenizer = xlmr_tokenizer(Path(tokenizer) if tokenizer else model_dir, context_length)
+    text_tokenizer = read_fairseq_tokenizer(Path(tokenizer) if tokenizer else model_dir, context_length, "XLM-R")
     state, dropped = xlmr_state_dict_from_hf(read_hf_weights(model_dir))
     vocab_size = hf_config.get("vocab_size", HF_DEFAULTS["vocab_size"])
     if text_tokenizer.vocab_size != vocab_size:
