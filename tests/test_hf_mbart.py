@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 import torch
+import yaml
 
 transformers = pytest.importorskip("transformers")
 
@@ -272,6 +273,47 @@ def test_other_weight_layouts_import_the_same(imported, hf_dir, tmp_path, layout
     with torch.no_grad():
         expected = hf(input_ids=source, attention_mask=(source != PAD).long(), decoder_input_ids=decoder_input).logits
         torch.testing.assert_close(model(source, decoder_input), expected, atol=1e-5, rtol=1e-5)
+
+
+DROPOUT_KEYS = ("dropout", "attention_dropout", "activation_dropout")
+
+
+@pytest.mark.parametrize("key", DROPOUT_KEYS)
+def test_dropout_is_where_transformers_puts_it(hf_dir, tmp_path, key):
+    """One dropout at 1 drops whole tensors (sub-layer outputs and embeddings, attention probabilities,
+    MLP activations): training-mode outputs are then deterministic, and equal transformers' only if mmptm
+    drops the same tensors at the same places."""
+    folder = copy_folder(hf_dir, tmp_path, {**dict.fromkeys(DROPOUT_KEYS, 0.0), key: 1.0})
+    hf = transformers.MBartForConditionalGeneration.from_pretrained(folder)
+    with torch.no_grad():  # non-zero biases: a tensor dropped before or after a layer with a bias differs
+        for name, parameter in hf.named_parameters():
+            if name.endswith("bias") and "norm" not in name and "final_logits" not in name:
+                parameter.normal_(0, 0.5)
+    hf.save_pretrained(folder)
+    model, _, _ = mmptm.load_pretrained(import_hf_mbart(folder, tmp_path / "out", languages=["en=en_XX", "fr=fr_XX"]))
+    source, languages = sources(4)
+    targets = right_padded([[model.language_token_id[lang], *row[row != PAD][:-2].tolist()]
+                            for row, lang in zip(source, languages, strict=True)])
+    with torch.no_grad():
+        evaluated = model(source, targets)
+        hf.train(), model.train()
+        expected = hf(input_ids=source, attention_mask=(source != PAD).long(), decoder_input_ids=targets).logits
+        trained = model(source, targets)
+    torch.testing.assert_close(trained, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(trained, evaluated, atol=1e-3)
+
+
+def test_import_carries_the_dropouts(hf_dir, tmp_path):
+    folder = copy_folder(hf_dir, tmp_path, {"dropout": 0.1, "attention_dropout": 0.05, "activation_dropout": 0.2})
+    output = import_hf_mbart(folder, tmp_path / "out", languages=["en=en_XX", "fr=fr_XX"])
+    section = yaml.safe_load((output / "config.yaml").read_text())["model"]
+    assert {key: section[key] for key in DROPOUT_KEYS} == {
+        "dropout": 0.1, "attention_dropout": 0.05, "activation_dropout": 0.2}
+    model, _, _ = mmptm.load_pretrained(output)
+    block = model.decoder[1]
+    assert (model.dropout, block.dropout, block.cross_attn.dropout, block.mlp.dropout) == (0.1, 0.1, 0.05, 0.2)
+    with pytest.raises(ConversionError, match=r"attention_dropout=1.5 is not supported .* a probability in \[0, 1\]"):
+        import_hf_mbart(copy_folder(hf_dir, tmp_path / "bad", {"attention_dropout": 1.5}), tmp_path / "bad_out")
 
 
 def copy_folder(hf_dir: Path, tmp_path: Path, config: dict | None = None) -> Path:

@@ -273,6 +273,39 @@ def test_grad_checkpointing_gives_the_same_loss_and_gradients():
     torch.testing.assert_close(results[0][1], results[1][1])
 
 
+def test_dropout_in_training_only_with_the_same_masks_under_checkpointing():
+    source, _ = sources()
+    decoder_input = torch.randint(10, VOCAB, (4, 6), generator=torch.Generator().manual_seed(2))
+    dropouts = dict(dropout=0.2, attention_dropout=0.1, activation_dropout=0.3)
+    plain, model = tiny_mbart(std=None).eval(), tiny_mbart(std=None, **dropouts).eval()
+    assert (model.encoder.resblocks[0].dropout, model.decoder[1].self_attn.dropout, model.decoder[0].mlp.dropout) == (
+        0.2, 0.1, 0.3)
+    with torch.no_grad():  # evaluation: no dropout, the same function as without it
+        torch.testing.assert_close(model(source, decoder_input), plain(source, decoder_input), rtol=0, atol=0)
+    model.train()
+    results = []
+    for enable in (False, True):  # backward's recomputation draws the forward's masks again
+        model.zero_grad()
+        model.set_grad_checkpointing(enable)
+        torch.manual_seed(5)
+        loss = model(source, decoder_input).square().mean()
+        loss.backward()
+        results.append((loss, [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
+    torch.testing.assert_close(results[0][1], results[1][1])
+    with torch.no_grad():  # training draws new masks at every call
+        assert not torch.equal(model(source, decoder_input), model(source, decoder_input))
+        assert not torch.allclose(model(source, decoder_input), plain(source, decoder_input))
+
+
+@pytest.mark.parametrize("key", ["dropout", "attention_dropout", "activation_dropout"])
+@pytest.mark.parametrize("value", [-0.1, 1.5, "0.1", True])
+def test_dropout_outside_0_1_is_refused_naming_it(key, value):
+    name = {"dropout": "dropout", "attention_dropout": "attention dropout", "activation_dropout": "activation dropout"}
+    with pytest.raises(ValueError, match=f"^{name[key]} must be a probability in \\[0, 1\\], got {value!r}"):
+        tiny_mbart(std=None, **{key: value})
+
+
 def sources() -> tuple[torch.Tensor, list[str]]:
     generator = torch.Generator().manual_seed(1)
     source = torch.randint(10, VOCAB, (4, 9), generator=generator)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import Any, Literal, get_args
+from typing import Any, Literal, NamedTuple, get_args
 
 import torch
 import torch.nn.functional as F
@@ -32,13 +32,17 @@ class Attention(nn.Module):
     Args:
         width: model width ``D``.
         heads: number of attention heads; must divide ``width``.
+        dropout: dropout on the attention probabilities in training (``nn.MultiheadAttention``'s
+            ``dropout``, Hugging Face's ``attention_dropout``).
     """
 
-    def __init__(self, width: int, heads: int) -> None:
+    def __init__(self, width: int, heads: int, dropout: float = 0.0) -> None:
         super().__init__()
         if heads < 1 or width % heads:
             raise ValueError(f"'width' ({width}) must be divisible by 'heads' ({heads})")
+        check_probability("attention dropout", dropout)
         self.heads = heads
+        self.dropout = dropout
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
@@ -71,8 +75,15 @@ class Attention(nn.Module):
                 # SDPA refuses is_causal together with a mask, so fold the causal triangle into it.
                 causal = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
                 attn_mask, is_causal = attn_mask & causal, False
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=self.dropout_p
+        )
         return self.out_proj(self.merge_heads(out))
+
+    @property
+    def dropout_p(self) -> float:
+        """The attention dropout SDPA applies now: ``dropout`` in training, 0 in evaluation."""
+        return self.dropout if self.training else 0.0
 
     def split_heads(self, projected: torch.Tensor, parts: int) -> tuple[torch.Tensor, ...]:
         """Split packed projections ``[B, L, parts * D]`` into ``parts`` tensors ``[B, heads, L, D / heads]``.
@@ -132,16 +143,34 @@ class Mlp(nn.Module):
         width: input and output size.
         hidden: hidden size (``mlp_ratio * width`` in the blocks).
         act: the activation, see :func:`activation`.
+        dropout: dropout on the activations in training (Hugging Face's ``activation_dropout``).
     """
 
-    def __init__(self, width: int, hidden: int, act: Activation = "gelu") -> None:
+    def __init__(self, width: int, hidden: int, act: Activation = "gelu", dropout: float = 0.0) -> None:
         super().__init__()
+        check_probability("activation dropout", dropout)
         self.c_fc = nn.Linear(width, hidden)
         self.gelu = activation(act)  # open_clip's module name, whichever activation it holds
         self.c_proj = nn.Linear(hidden, width)
+        self.dropout = dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(self.gelu(self.c_fc(x)))
+        return self.c_proj(dropout(self.gelu(self.c_fc(x)), self.dropout, self.training))
+
+
+class Dropouts(NamedTuple):
+    """The dropout probabilities of a block, named as Hugging Face's BART/mBART configs name them.
+
+    All are applied in training only (Vaswani et al. 2017, sec. 5.4: residual dropout on each
+    sub-layer's output before the residual sum; BART/mBART add the other two).
+    """
+
+    dropout: float = 0.0  # each sub-layer's output, before it is added to the residual
+    attention_dropout: float = 0.0  # the attention probabilities
+    activation_dropout: float = 0.0  # the MLP's activations
+
+
+NO_DROPOUT = Dropouts()
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -152,19 +181,29 @@ class ResidualAttentionBlock(nn.Module):
         heads: attention heads.
         mlp_ratio: MLP hidden size as a multiple of ``width``.
         act: the MLP activation, see :func:`activation`.
+        dropouts: dropout probabilities (default: none, as CLIP).
     """
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, act: Activation = "gelu") -> None:
+    def __init__(
+        self,
+        width: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        act: Activation = "gelu",
+        dropouts: Dropouts = NO_DROPOUT,
+    ) -> None:
         super().__init__()
+        check_probability("dropout", dropouts.dropout)
         self.ln_1 = nn.LayerNorm(width)
-        self.attn = Attention(width, heads)
+        self.attn = Attention(width, heads, dropouts.attention_dropout)
         self.ln_2 = nn.LayerNorm(width)
-        self.mlp = Mlp(width, int(width * mlp_ratio), act)
+        self.mlp = Mlp(width, int(width * mlp_ratio), act, dropouts.activation_dropout)
+        self.dropout = dropouts.dropout
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         """``[B, L, D] -> [B, L, D]``; ``attn_mask`` and ``is_causal`` as in :class:`Attention`."""
-        x = x + self.attn(self.ln_1(x), attn_mask=attn_mask, is_causal=is_causal)
-        return x + self.mlp(self.ln_2(x))
+        x = x + dropout(self.attn(self.ln_1(x), attn_mask=attn_mask, is_causal=is_causal), self.dropout, self.training)
+        return x + dropout(self.mlp(self.ln_2(x)), self.dropout, self.training)
 
 
 class Transformer(nn.Module):
@@ -176,9 +215,18 @@ class Transformer(nn.Module):
         heads: attention heads; must divide ``width``.
         mlp_ratio: MLP hidden size as a multiple of ``width``.
         act: the MLP activation, see :func:`activation`.
+        dropouts: every block's dropout probabilities (default: none).
     """
 
-    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float = 4.0, act: Activation = "gelu") -> None:
+    def __init__(
+        self,
+        width: int,
+        layers: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        act: Activation = "gelu",
+        dropouts: Dropouts = NO_DROPOUT,
+    ) -> None:
         super().__init__()
         if layers < 1:
             raise ValueError(f"'layers' must be at least 1, got {layers}")
@@ -186,7 +234,9 @@ class Transformer(nn.Module):
         self.layers = layers
         self.act = act
         self.grad_checkpointing = False
-        self.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads, mlp_ratio, act) for _ in range(layers))
+        self.resblocks = nn.ModuleList(
+            ResidualAttentionBlock(width, heads, mlp_ratio, act, dropouts) for _ in range(layers)
+        )
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         """``[B, L, D] -> [B, L, D]``; ``attn_mask`` and ``is_causal`` as in :class:`Attention`."""
@@ -197,6 +247,17 @@ class Transformer(nn.Module):
             else:
                 x = block(x, attn_mask=attn_mask, is_causal=is_causal)
         return x
+
+
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """``F.dropout(x, p, training)``, skipped (no kernel, no random numbers) when it would do nothing."""
+    return F.dropout(x, p, training) if p and training else x
+
+
+def check_probability(name: str, p: float) -> None:
+    """Raise a ValueError naming ``name`` unless ``0 <= p <= 1`` (a dropout probability, as ``nn.Dropout``'s)."""
+    if isinstance(p, bool) or not isinstance(p, int | float) or not 0 <= p <= 1:
+        raise ValueError(f"{name} must be a probability in [0, 1], got {p!r}")
 
 
 def check_image_size(images: torch.Tensor, image_size: int) -> None:

@@ -34,7 +34,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmptm.encoders.layers import Activation, Attention, Mlp, Transformer, checkpoint_in_forward_modes
+from mmptm.encoders.layers import (
+    NO_DROPOUT,
+    Activation,
+    Attention,
+    Dropouts,
+    Mlp,
+    Transformer,
+    check_probability,
+    checkpoint_in_forward_modes,
+    dropout,
+)
 from mmptm.registry import register_model
 
 
@@ -74,7 +84,7 @@ class DecoderSelfAttention(Attention):
         new, total = q.shape[2], k.shape[2]
         # The new queries are the last `new` positions: each sees the cache and the new ones up to itself.
         allowed = torch.ones(new, total, dtype=torch.bool, device=x.device).tril(total - new)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=self.dropout_p)
         return self.out_proj(self.merge_heads(out))
 
 
@@ -97,7 +107,9 @@ class CrossAttention(Attention):
         """``[B, L, D] -> [B, L, D]``; ``memory_keep [B, S]`` is False at the source's padding."""
         width = x.shape[-1]
         (q,) = self.split_heads(F.linear(x, self.in_proj_weight[:width], self.in_proj_bias[:width]), 1)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=memory_keep[:, None, None, :])
+        out = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=memory_keep[:, None, None, :], dropout_p=self.dropout_p
+        )
         return self.out_proj(self.merge_heads(out))
 
 
@@ -105,17 +117,26 @@ class DecoderBlock(nn.Module):
     """Pre-norm decoder block: causal self-attention, cross-attention to the source, MLP (each residual).
 
     Args:
-        width / heads / mlp_ratio / act: as :class:`~mmptm.encoders.layers.ResidualAttentionBlock`.
+        width / heads / mlp_ratio / act / dropouts: as :class:`~mmptm.encoders.layers.ResidualAttentionBlock`.
     """
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, act: Activation = "gelu") -> None:
+    def __init__(
+        self,
+        width: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        act: Activation = "gelu",
+        dropouts: Dropouts = NO_DROPOUT,
+    ) -> None:
         super().__init__()
+        check_probability("dropout", dropouts.dropout)
         self.ln_1 = nn.LayerNorm(width)
-        self.self_attn = DecoderSelfAttention(width, heads)
+        self.self_attn = DecoderSelfAttention(width, heads, dropouts.attention_dropout)
         self.ln_2 = nn.LayerNorm(width)
-        self.cross_attn = CrossAttention(width, heads)
+        self.cross_attn = CrossAttention(width, heads, dropouts.attention_dropout)
         self.ln_3 = nn.LayerNorm(width)
-        self.mlp = Mlp(width, int(width * mlp_ratio), act)
+        self.mlp = Mlp(width, int(width * mlp_ratio), act, dropouts.activation_dropout)
+        self.dropout = dropouts.dropout
 
     def forward(
         self,
@@ -126,9 +147,10 @@ class DecoderBlock(nn.Module):
         cache: KVCache | None = None,
     ) -> torch.Tensor:
         """``[B, L, D] -> [B, L, D]`` given this layer's cross-attention keys/values of the source."""
-        x = x + self.self_attn(self.ln_1(x), cache)
-        x = x + self.cross_attn(self.ln_2(x), keys, values, memory_keep)
-        return x + self.mlp(self.ln_3(x))
+        p, training = self.dropout, self.training
+        x = x + dropout(self.self_attn(self.ln_1(x), cache), p, training)
+        x = x + dropout(self.cross_attn(self.ln_2(x), keys, values, memory_keep), p, training)
+        return x + dropout(self.mlp(self.ln_3(x)), p, training)
 
 
 class Memory(NamedTuple):
@@ -170,10 +192,16 @@ class MBart(nn.Module):
         scale_embedding: multiply the token embeddings by ``sqrt(width)`` before the positions are
             added (fairseq's ``embed_scale``; Hugging Face's ``scale_embedding``). The LM head uses the
             unscaled embeddings, as in both.
+        dropout: in training, dropout on the normalised embeddings and on every sub-layer's output
+            before its residual sum (Hugging Face's and fairseq's ``dropout``; the released mBART
+            trained with 0.1). Default 0: none.
+        attention_dropout: in training, dropout on the attention probabilities (``attention_dropout``).
+        activation_dropout: in training, dropout on the MLP activations (``activation_dropout``).
         vocab_size / pad_id / eot_id / bos_id / mask_id: from the tokenizer (filled at run time).
 
     Raises:
-        ValueError: no languages, or ``language_token_ids`` that miss a language or fall outside the vocabulary.
+        ValueError: no languages, ``language_token_ids`` that miss a language or fall outside the vocabulary,
+            or a dropout probability outside [0, 1].
     """
 
     def __init__(
@@ -188,6 +216,9 @@ class MBart(nn.Module):
         language_token_ids: dict[str, int] | None = None,
         act: Activation = "gelu",
         scale_embedding: bool = False,
+        dropout: float = 0.0,
+        attention_dropout: float = 0.0,
+        activation_dropout: float = 0.0,
         vocab_size: int = 8000,
         pad_id: int = 0,
         eot_id: int = 3,
@@ -209,15 +240,19 @@ class MBart(nn.Module):
         self.width = width
         self.max_positions = max_positions
         self.embedding_scale = math.sqrt(width) if scale_embedding else 1.0
+        dropouts = Dropouts(dropout, attention_dropout, activation_dropout)
+        self.dropout = dropout
         self.pad_id, self.eos_id, self.bos_id, self.mask_id = pad_id, eot_id, bos_id, mask_id
         self.token_embedding = nn.Embedding(self.vocab_size, width)
         self.encoder_positions = nn.Embedding(max_positions, width)
         self.decoder_positions = nn.Embedding(max_positions, width)
         self.encoder_embedding_norm = nn.LayerNorm(width)
         self.decoder_embedding_norm = nn.LayerNorm(width)
-        self.encoder = Transformer(width, encoder_layers, heads, mlp_ratio, act)
+        self.encoder = Transformer(width, encoder_layers, heads, mlp_ratio, act, dropouts)
         self.encoder_norm = nn.LayerNorm(width)
-        self.decoder = nn.ModuleList(DecoderBlock(width, heads, mlp_ratio, act) for _ in range(decoder_layers))
+        self.decoder = nn.ModuleList(
+            DecoderBlock(width, heads, mlp_ratio, act, dropouts) for _ in range(decoder_layers)
+        )
         self.decoder_norm = nn.LayerNorm(width)
         self.grad_checkpointing = False
         for embedding in (self.token_embedding, self.encoder_positions, self.decoder_positions):
@@ -252,7 +287,8 @@ class MBart(nn.Module):
         embedded = self.token_embedding(tokens)
         if self.embedding_scale != 1.0:
             embedded = embedded * self.embedding_scale
-        return norm(embedded + positions(torch.arange(offset, end, device=tokens.device)))
+        embedded = norm(embedded + positions(torch.arange(offset, end, device=tokens.device)))
+        return dropout(embedded, self.dropout, self.training)
 
     def encode(self, source: torch.Tensor) -> Memory:
         """Encode ``source [B, S]`` (``pad_id`` masked out) into every decoder layer's cross-attention keys/values."""

@@ -18,7 +18,10 @@ is layout, handled here:
   models): mmptm's LM head has no bias, so a non-zero one is refused.
 
 Attention scaling (``head_dim ** -0.5``) and the layer norms' eps (1e-5, not
-configurable in transformers' MBart) are the same in both. Configurations mmptm's
+configurable in transformers' MBart) are the same in both; the config's
+``dropout``, ``attention_dropout`` and ``activation_dropout`` (0.1, 0 and 0 in the
+released models) become ``mbart``'s options of those names, applied where
+transformers applies them, so continued pretraining regularises as the original did. Configurations mmptm's
 ``mbart`` cannot express are refused, naming the key and the accepted values.
 
 The tokenizer is the folder's ``sentencepiece.bpe.model`` read in fairseq's id
@@ -75,7 +78,9 @@ HF_DEFAULTS: dict[str, Any] = {
     "decoder_attention_heads": 16, "encoder_ffn_dim": 4096, "decoder_ffn_dim": 4096,
     "max_position_embeddings": 1024, "activation_function": "gelu", "scale_embedding": False,
     "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2,
+    "dropout": 0.1, "attention_dropout": 0.0, "activation_dropout": 0.0,
 }  # fmt: skip
+DROPOUT_KEYS = ("dropout", "attention_dropout", "activation_dropout")
 
 # Hugging Face name (``model.`` prefix removed) -> mmptm name, for tensors copied as they are.
 _RENAMES = [
@@ -238,6 +243,10 @@ def mbart_config_from_hf(hf_config: Mapping[str, Any], path: Path) -> dict[str, 
     for key, fairseq_id in (("pad_token_id", 1), ("bos_token_id", 0), ("eos_token_id", 2)):
         if config[key] != fairseq_id:
             raise refuse(key, f"{fairseq_id}, fairseq's id, which the sentencepiece tokenizer gives")
+    for key in DROPOUT_KEYS:
+        value = config[key]
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+            raise refuse(key, "a probability in [0, 1]")
     return {
         "name": "mbart",
         "width": width,
@@ -248,6 +257,7 @@ def mbart_config_from_hf(hf_config: Mapping[str, Any], path: Path) -> dict[str, 
         "max_positions": config["max_position_embeddings"],
         "act": ACTIVATIONS[config["activation_function"]],
         "scale_embedding": bool(config["scale_embedding"]),
+        **{key: float(config[key]) for key in DROPOUT_KEYS},
     }
 
 

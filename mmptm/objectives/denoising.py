@@ -10,6 +10,11 @@ Translation", sec. 2.2 and Fig. 1, with BART's noise (Lewis et al. 2020, sec. 2.
   tokens are missing.
 - Layout: source ``noised </s> <lang>``, decoder input ``<lang> original``,
   target ``original </s>``; the loss is the cross-entropy of the target.
+  This is Fig. 1's layout and what transformers' ``MBartTokenizer`` builds for
+  fine-tuning. fairseq's pretraining task differs in one token (deliberately
+  not followed): ``multilingual_denoising``'s ``load_dataset`` prepends ``<s>``
+  to each block and appends the language token, so its source is
+  ``<s> noised </s> <lang>`` and its decoder input ``<lang> <s> original </s>``.
 
 A document is one row of the ``text`` dataset: ``<s> s1 </s> s2 </s> ... sk </s>``,
 consecutive sentences of one language packed up to ``max_length`` (evaluation
