@@ -281,10 +281,35 @@ def test_default_options_keep_the_pre_norm_model_and_its_state_dict_names():
     assert {"transformer.resblocks.0.ln_1.weight", "ln_final.weight", "position_embedding.weight"} <= names
     assert not any(n.startswith(("layers.", "embedding_norm.")) for n in names)
     assert model.ln_final.eps == model.transformer.resblocks[0].ln_1.eps == 1e-5 and model.mlm_head.norm.eps == 1e-12
-    with pytest.raises(ValueError, match="dropout needs norm_first=false"):
-        MultilingualEncoder(width=16, layers=1, heads=2, language_embeddings=False, dropout=0.1)
+    with pytest.raises(ValueError, match=r"multilingual_encoder: dropout must be a probability in \[0, 1\], got 1.5"):
+        MultilingualEncoder(width=16, layers=1, heads=2, language_embeddings=False, dropout=1.5)
     with pytest.raises(ValueError, match="act 'quick_gelu' needs norm_first=true"):
         MultilingualEncoder(width=16, layers=1, heads=2, language_embeddings=False, norm_first=False, act="quick_gelu")
+
+
+@pytest.mark.parametrize("norm_first", [True, False])
+def test_dropout_acts_in_training_only_on_both_layouts(norm_first):
+    tokens = torch.randint(1, 20, (3, 7), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    plain = MultilingualEncoder(width=16, layers=2, heads=2, language_embeddings=False, norm_first=norm_first,
+                                vocab_size=20, pad_id=0).eval()
+    torch.manual_seed(0)
+    model = MultilingualEncoder(width=16, layers=2, heads=2, language_embeddings=False, norm_first=norm_first,
+                                vocab_size=20, pad_id=0, dropout=0.3).eval()
+    torch.testing.assert_close(model(tokens), plain(tokens), rtol=0, atol=0)
+    model.train()
+    first, second = model(tokens), model(tokens)
+    assert not torch.equal(first, second) and not torch.allclose(first, plain(tokens))
+    # With dropout 1 every residual branch and the embeddings are dropped: the states no longer depend on the input.
+    model.dropout = 1.0
+    for module in model.modules():
+        if module is not model and hasattr(module, "dropout") and isinstance(module.dropout, float):
+            module.dropout = 1.0
+    if norm_first:
+        states = model(tokens)
+        torch.testing.assert_close(states, model.ln_final(torch.zeros_like(states)).expand_as(states))
+    first.sum().backward()
+    assert all(p.grad is not None for p in model.token_embedding.parameters())
 
 
 def test_an_m_clip_text_tower_starts_from_the_imported_xlmr(imported):

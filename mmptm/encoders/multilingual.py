@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmptm.encoders.bert import BERT_LAYER_NORM_EPS, BertLayer, MaskedLMHead, run_layer
-from mmptm.encoders.layers import Activation, Transformer
+from mmptm.encoders.layers import Activation, Dropouts, Transformer, check_probability, dropout
 from mmptm.registry import register_model
 
 
@@ -51,8 +51,9 @@ class MultilingualEncoder(nn.Module):
             fit (fairseq's RoBERTa / XLM-R: 2, its padding id + 1). Positions passed to
             :meth:`forward` count from 0 and are shifted by it, so TLM's restart at the translation
             restarts at the offset too.
-        dropout: dropout of the post-norm layers and the normalised embeddings (XLM-R trained
-            with 0.1); the pre-norm blocks have none, so it must be 0 with ``norm_first``.
+        dropout: in training, dropout on the embeddings (normalised, in post-norm models) and on every
+            sub-layer's output before its residual sum (XLM-R trained with 0.1); post-norm layers also
+            drop attention probabilities with it, as BERT. Default 0: none.
         vocab_size / pad_id / eot_id / bos_id / mask_id: from the tokenizer (filled at run time).
     """
 
@@ -80,15 +81,15 @@ class MultilingualEncoder(nn.Module):
         self.languages = list(languages or [])
         if language_embeddings and not self.languages:
             raise ValueError("multilingual_encoder: language_embeddings=True needs the model's 'languages'")
+        check_probability("multilingual_encoder: dropout", dropout)
         if not 0 <= position_offset < max_positions:
             raise ValueError(
                 f"multilingual_encoder: position_offset {position_offset} must be in 0..{max_positions - 1}"
             )
-        if norm_first and dropout:
-            raise ValueError("multilingual_encoder: dropout needs norm_first=false (the pre-norm blocks have none)")
         if not norm_first and act != "gelu":
             raise ValueError(f"multilingual_encoder: act {act!r} needs norm_first=true (BERT layers use 'gelu')")
         self.width = width
+        self.dropout = dropout
         self.norm_first = norm_first
         self.position_offset = position_offset
         self.vocab_size = vocab_size
@@ -98,7 +99,7 @@ class MultilingualEncoder(nn.Module):
         self.language_embedding = nn.Embedding(len(self.languages), width) if language_embeddings else None
         eps = 1e-5 if layer_norm_eps is None else layer_norm_eps
         if norm_first:
-            self.transformer = Transformer(width, layers, heads, mlp_ratio, act)
+            self.transformer = Transformer(width, layers, heads, mlp_ratio, act, Dropouts(dropout))
             if layer_norm_eps is not None:  # layers.py builds its norms with PyTorch's default eps
                 for module in self.transformer.modules():
                     if isinstance(module, nn.LayerNorm):
@@ -106,7 +107,6 @@ class MultilingualEncoder(nn.Module):
             self.ln_final = nn.LayerNorm(width, eps=eps)
         else:
             self.embedding_norm = nn.LayerNorm(width, eps=eps)
-            self.embedding_dropout = nn.Dropout(dropout)
             self.layers = nn.ModuleList(BertLayer(width, heads, mlp_ratio, dropout, eps) for _ in range(layers))
             self.grad_checkpointing = False
         self.mlm_head = MaskedLMHead(width, vocab_size, BERT_LAYER_NORM_EPS if layer_norm_eps is None else eps)
@@ -173,10 +173,11 @@ class MultilingualEncoder(nn.Module):
             x = x + self.language_embedding(languages if languages.dim() == 2 else languages[:, None])
         keep = tokens != self.pad_id
         if not self.norm_first:
-            x = self.embedding_dropout(self.embedding_norm(x))
+            x = dropout(self.embedding_norm(x), self.dropout, self.training)
             for block in self.layers[:layer]:
                 x = run_layer(block, self.grad_checkpointing, x, keep)
             return x
+        x = dropout(x, self.dropout, self.training)
         if layer is None:
             return self.ln_final(self.transformer(x, attn_mask=keep))
         for block in self.transformer.resblocks[:layer]:
