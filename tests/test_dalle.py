@@ -14,6 +14,7 @@ from PIL import Image
 
 import mmptm
 from mmptm.cli import main
+from mmptm.data_pipelines.tokenizer import pack_rows
 from mmptm.encoders.dalle import TokenDecoder
 from mmptm.encoders.dvae import DiscreteVAE
 from mmptm.generation.pipeline import GenerationError, tokenize_prompts
@@ -65,6 +66,46 @@ def test_text_ids_refuse_rows_too_long_or_outside_the_vocabulary():
         model.text_ids(torch.ones(1, TEXT_LENGTH + 1, dtype=torch.long))
     with pytest.raises(ValueError, match="not the one the model was built for"):
         model.text_ids(torch.tensor([[2, VOCAB, 3]]))
+
+
+class BangTokenizer:
+    """Words -> ids, with "!" -> the pad id as in CLIP's BPE; rows packed as every mmptm tokenizer packs them."""
+
+    vocab_size, pad_id, bos_id, eos_id = VOCAB, PAD, 2, 3
+
+    def __call__(self, texts: list[str], context_length: int) -> torch.Tensor:
+        words = [[PAD if word == "!" else 4 + len(word) for word in text.split()] for text in texts]
+        return pack_rows(words, context_length, self.bos_id, self.eos_id, self.pad_id)
+
+
+def test_a_pad_id_before_the_end_of_text_is_a_word_of_the_caption():
+    section = {"name": "dalle", "codebook_size": CODEBOOK, "grid_size": GRID, "text_length": TEXT_LENGTH,
+               "width": 32, "layers": 1, "heads": 2}
+    model = mmptm.create_model(section, tokenizer=BangTokenizer()).eval()
+    assert model.eot_id == 3  # filled in from the tokenizer, as vocab_size and pad_id
+    text = tokenize_prompts(model, BangTokenizer(), ["a ! bc d"])  # fits exactly: bos, 4 words, eos
+    assert text.tolist() == [[2, 5, PAD, 6, 5, 3]]
+    assert model.text_ids(text).tolist() == [[2, 5, PAD, 6, 5, 3]]
+    assert model.text_ids(text[:, :4]).tolist() == [[2, 5, VOCAB + 2, 6, VOCAB + 4, VOCAB + 5]]  # no eos: all padding
+    rows = torch.tensor([[2, 5, PAD, 3, PAD, PAD]])
+    assert model.text_ids(rows).tolist() == [[2, 5, PAD, 3, VOCAB + 4, VOCAB + 5]]
+    # The empty caption has no end-of-text token: all padding. Without eot_id every pad id is padding.
+    assert model.text_ids(model.null_text(1)).tolist() == [list(range(VOCAB, VOCAB + TEXT_LENGTH))]
+    assert tiny_decoder().text_ids(rows).tolist() == [[2, 5, VOCAB + 2, 3, VOCAB + 4, VOCAB + 5]]
+    # Training's text targets read the caption as sampling does.
+    image = torch.randint(0, CODEBOOK, (1, GRID * GRID))
+    with torch.no_grad():
+        assert torch.equal(model(rows, image).text_ids, model.text_ids(rows))
+
+
+def test_caption_dropout_refuses_rows_longer_than_the_model_reads():
+    model = tiny_decoder().train()
+    too_long = torch.tensor([[2, 5, 6, 7, 8, 9, 10, 3]])
+    with pytest.raises(ValueError, match="at most model.text_length=6"):
+        drop_captions(model, too_long, 0.5)
+    with pytest.raises(ValueError, match="at most model.text_length=6"):
+        TextToImageLM(text_dropout=0.1).train()(model, {"text": too_long,
+                                                        "image_tokens": torch.zeros(1, GRID * GRID, dtype=torch.long)})
 
 
 @settings(max_examples=25, deadline=None)
@@ -357,6 +398,20 @@ def test_dalle_configs_train_a_step_with_a_dvae(checkpoints, tmp_path):
         moved.rename(checkpoints["dvae"])
     tokens = torch.randint(0, model.codebook_size, (1, model.num_image_tokens))
     assert torch.equal(again.decode_images(tokens), model.decode_images(tokens))
+
+
+def test_fsdp_is_refused_before_training_naming_ddp(checkpoints, tmp_path):
+    from mmptm.config import ConfigError
+    from mmptm.training.sharding import shard_model
+
+    message = r"distributed.strategy=fsdp cannot train a TokenDecoder model: .*use distributed.strategy=ddp"
+    with pytest.raises(ConfigError, match=message):
+        shard_model(tiny_decoder(), "fp32")  # refused before anything is sharded: no process group needed
+    overrides = [f"model.dvae={checkpoints['dvae']}", "train.max_steps=1", "data.train.num_workers=0",
+                 "train.progress_bar=false", "distributed.strategy=fsdp"]
+    with pytest.raises(ConfigError, match=message):  # a single process too, before the first step
+        mmptm.train(mmptm.load_config("dalle_tiny.yaml", overrides), output_dir=tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 def test_dalle_trains_on_precomputed_token_shards(checkpoints, tmp_path):

@@ -269,6 +269,36 @@ def test_encode_decode_shapes_and_pixel_range(name, reconstruction):
         model.encode_tokens(torch.rand(1, 3, 16, 16))
 
 
+@pytest.mark.parametrize("name", ["dvae", "vqvae"])
+def test_tokens_under_a_bf16_autocast_are_the_fp32_tokens(name):
+    torch.manual_seed(0)
+    model = mmptm.create_model(name, hidden=8, num_downsamples=1, codebook_size=512, image_size=16).eval()
+    images = torch.rand(32, 3, 16, 16)
+    encoder_dtypes = []
+    model.encoder.register_forward_hook(lambda module, inputs, output: encoder_dtypes.append(output.dtype))
+    exact = model.encode_tokens(images)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = model.encode_tokens(images)
+    assert encoder_dtypes == [torch.float32, torch.float32]  # the encoder ran outside the autocast
+    assert torch.equal(mixed, exact)
+
+
+@pytest.mark.parametrize("name", ["dvae", "vqvae"])
+def test_a_bf16_tokenizer_encodes_and_decodes_in_bf16(name):
+    torch.manual_seed(0)
+    model = mmptm.create_model(name, **TINY_MODEL).eval()
+    images = torch.rand(2, 3, 32, 32)
+    exact_tokens = model.encode_tokens(images)
+    fp32_decoded = model.decode_tokens(exact_tokens)
+    model.to(torch.bfloat16)
+    tokens = model.encode_tokens(images.to(torch.bfloat16))
+    assert tokens.shape == (2, 64)
+    assert model(images.to(torch.bfloat16)).decoded.dtype == torch.bfloat16
+    # The same tokens give the fp32 model's images, to bf16's precision.
+    decoded = model.decode_tokens(exact_tokens)
+    assert decoded.shape == (2, 3, 32, 32) and (decoded - fp32_decoded).abs().max() < 0.05
+
+
 def test_objective_trains_both_models_and_reports_its_metrics():
     images = torch.rand(4, 3, 32, 32)
     objective = ImageTokenizerLoss(kl_warmup_steps=4, temperature_steps=4)
@@ -429,24 +459,61 @@ def test_tokenizer_images_errors_on_a_missing_or_non_dvae_checkpoint(tmp_path, c
     assert not (tmp_path / "out").exists()
 
 
-def test_image_tokens_stream_skips_malformed_token_files(tmp_path):
-    path = tmp_path / "t.tar"
+def npy(array) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
 
-    def npy(array) -> bytes:
-        buffer = io.BytesIO()
-        np.save(buffer, array)
-        return buffer.getvalue()
 
+def write_tar(path, files: list[tuple[str, bytes]]) -> None:
     with tarfile.open(path, "w") as tar:
-        for name, data in [("a.tokens.npy", npy(np.arange(4, dtype=np.int16).reshape(2, 2))), ("a.txt", b"x"),
-                           ("b.tokens.npy", npy(np.ones((2, 2), dtype=np.float32))), ("b.txt", b"y"),
-                           ("c.tokens.npy", b"garbage"), ("c.txt", b"z"), ("d.txt", b"no tokens")]:
+        for name, data in files:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
+
+
+def test_image_tokens_stream_skips_malformed_token_files(tmp_path):
+    path = tmp_path / "t.tar"
+    write_tar(path, [("a.tokens.npy", npy(np.arange(4, dtype=np.int16).reshape(2, 2))), ("a.txt", b"x"),
+                     ("b.tokens.npy", npy(np.ones((2, 2), dtype=np.float32))), ("b.txt", b"y"),
+                     ("c.tokens.npy", b"garbage"), ("c.txt", b"z"), ("d.txt", b"no tokens")])
     stream = build(DATASETS, {"name": "image_tokens", "shards": str(path), "batch_size": 8, "num_workers": 0},
                    context=DataContext(training=False))
     batches = list(stream)
     good = [b for b in batches if not b.get("empty")]
     assert [b["key"] for b in good] == [["a"]] and good[0]["image_tokens"].tolist() == [[0, 1, 2, 3]]
     assert sum(b["skipped"] for b in batches) == 3
+
+
+def test_image_tokens_stream_skips_grids_the_model_cannot_read(tmp_path, caplog):
+    path = tmp_path / "t.tar"
+    grid = np.arange(4, dtype=np.int16).reshape(2, 2)
+    write_tar(path, [("good.tokens.npy", npy(grid)), ("good.txt", b"x"),
+                     ("big.tokens.npy", npy(np.arange(9, dtype=np.int16).reshape(3, 3))), ("big.txt", b"y"),
+                     ("wide.tokens.npy", npy(np.arange(4, dtype=np.int16).reshape(1, 4))), ("wide.txt", b"z"),
+                     ("flat.tokens.npy", npy(np.arange(4, dtype=np.int16))), ("flat.txt", b"w"),
+                     ("odd.tokens.npy", npy(np.arange(5, dtype=np.int16))), ("odd.txt", b"v"),
+                     ("ids.tokens.npy", npy(grid + 5)), ("ids.txt", b"u")])
+    decoder = mmptm.create_model("dalle", codebook_size=8, grid_size=2, text_length=4, width=32, layers=1, heads=2)
+    context = model_data_context(decoder, training=False)
+    assert (context.image_token_grid, context.image_codebook_size) == (2, 8)
+    stream = build(DATASETS, {"name": "image_tokens", "shards": str(path), "batch_size": 8, "num_workers": 0},
+                   context=context)
+    with caplog.at_level("WARNING"):
+        batches = list(stream)
+    good = [b for b in batches if not b.get("empty")]
+    assert [b["key"] for b in good] == [["good", "flat"]]
+    assert good[0]["image_tokens"].tolist() == [[0, 1, 2, 3]] * 2
+    skipped = [key.split("#")[-1] for b in batches for key in b["skipped_keys"]]
+    assert sorted(skipped) == ["big", "ids", "odd", "wide"]
+    assert "the model reads 2x2" in caplog.text and "outside the model's codebook of 8" in caplog.text
+    assert "must be a square grid" in caplog.text
+    # Without the model's geometry any square grid of non-negative ids is read.
+    assert model_data_context(mmptm.create_model("dvae", **TINY_MODEL)).image_token_grid is None
+
+
+def test_the_tokenizer_objective_names_what_a_batch_without_images_holds():
+    model = mmptm.create_model("dvae", **TINY_MODEL)
+    with pytest.raises(KeyError, match=r"needs 'image' in its batches.*\['image_tokens', 'text'\]"):
+        ImageTokenizerLoss()(model, {"image_tokens": torch.zeros(1, 64, dtype=torch.long), "text": torch.zeros(1, 4)})

@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,12 +45,17 @@ class ImageTokenDecoder(ImageTextDecoder):
 
     Args:
         tokens_key: file extension of the token grid.
+        grid_size / codebook_size: the grid side and token vocabulary every sample must have (the
+            model's; None: any square grid of non-negative ids).
         **caption_options: ``caption_key``, ``caption_languages``, ``label_key``, ``all_captions``.
     """
 
-    def __init__(self, tokens_key: str, **caption_options: Any) -> None:
+    def __init__(
+        self, tokens_key: str, grid_size: int | None = None, codebook_size: int | None = None, **caption_options: Any
+    ) -> None:
         super().__init__(None, **caption_options)
         self.tokens_key = tokens_key
+        self.grid_size, self.codebook_size = grid_size, codebook_size
 
     def visual(self, raw: dict[str, Any], rng: random.Random) -> dict[str, Any]:  # noqa: ARG002 (no augmentation)
         """``{"image_tokens": LongTensor[N]}``: the sample's token grid, flattened row-major."""
@@ -58,6 +64,19 @@ class ImageTokenDecoder(ImageTextDecoder):
             raise BadSample(f"'{self.tokens_key}' must be a non-empty integer grid, got {tokens.dtype} {tokens.shape}")
         if tokens.min() < 0:
             raise BadSample(f"'{self.tokens_key}' holds negative token ids")
+        side = math.isqrt(tokens.size)
+        if side * side != tokens.size or (tokens.ndim == 2 and tokens.shape[0] != tokens.shape[1]):
+            raise BadSample(f"'{self.tokens_key}' must be a square grid of tokens, got shape {tokens.shape}")
+        if self.grid_size is not None and side != self.grid_size:
+            raise BadSample(
+                f"'{self.tokens_key}' is a {side}x{side} grid, the model reads {self.grid_size}x{self.grid_size} "
+                "(model.grid_size): tokens of another image tokenizer or image size"
+            )
+        if self.codebook_size is not None and tokens.max() >= self.codebook_size:
+            raise BadSample(
+                f"'{self.tokens_key}' holds token id {int(tokens.max())}, outside the model's codebook of "
+                f"{self.codebook_size} (model.codebook_size): tokens of another image tokenizer"
+            )
         return {IMAGE_TOKENS: torch.from_numpy(tokens.astype(np.int64).reshape(-1))}
 
 
@@ -84,10 +103,12 @@ def image_tokens(
     "skipped_keys": [str][, "label": [B]]}``; with ``all_captions``, ``"captions": [[str]]`` replaces
     ``"caption"`` and ``"text"``. A caption is drawn as in the ``image_text`` dataset: a random
     language among ``caption_languages`` that the sample's json has, then a random caption of it.
-    A sample whose token file is missing or malformed is skipped and counted.
+    A sample whose token file is missing or malformed (also: not a square grid, or a grid side or
+    token ids other than the model's ``grid_size`` and ``codebook_size``, which ``context`` carries)
+    is skipped and counted.
 
     Args:
-        context: tokenizer, training flag, seed, rank, world size.
+        context: tokenizer, training flag, seed, rank, world size, image token grid and codebook size.
         shards / batch_size / num_workers / shuffle_buffer / resample / epoch_samples / drop_last:
             as ``image_text``.
         tokens_key: extension of the token grid file.
@@ -102,6 +123,8 @@ def image_tokens(
     """
     decoder = ImageTokenDecoder(
         tokens_key,
+        grid_size=context.image_token_grid,
+        codebook_size=context.image_codebook_size,
         caption_key=caption_key,
         caption_languages=caption_languages,
         label_key=label_key,

@@ -194,8 +194,18 @@ class TokenDecoder(nn.Module):
             (they must agree with it if given too).
         languages: the caption languages the decoder is trained on, recorded so that
             ``mmptm generate --lang`` refuses others (None: not recorded).
-        vocab_size / pad_id: the text tokenizer's, filled in at run time.
+        vocab_size / pad_id / eot_id: the text tokenizer's, filled in at run time. With an
+            ``eot_id``, a ``pad_id`` is padding only after a row's first end-of-text token (CLIP's
+            BPE pads with id 0, which is also the symbol ``"!"``); without one, every ``pad_id`` is.
     """
+
+    # The data context checks precomputed token grids against grid_size and codebook_size.
+    reads_image_tokens = True
+    # mmptm.training.sharding refuses FSDP: sharded weights are gathered only inside forward().
+    fsdp_unsupported = (
+        "the frozen image tokenizer (model.dvae) and token sampling run outside forward(), where FSDP does not "
+        "gather the sharded weights"
+    )
 
     def __init__(
         self,
@@ -210,6 +220,7 @@ class TokenDecoder(nn.Module):
         languages: list[str] | None = None,
         vocab_size: int = 49408,
         pad_id: int = 0,
+        eot_id: int | None = None,
     ) -> None:
         super().__init__()
         if text_length < 2:
@@ -231,6 +242,7 @@ class TokenDecoder(nn.Module):
         self.text_length = text_length
         self.vocab_size = vocab_size
         self.pad_id = pad_id
+        self.eot_id = eot_id
         self.codebook_size = codebook_size
         self.grid_size = grid_size
         self.languages = list(languages) if languages is not None else None
@@ -286,21 +298,39 @@ class TokenDecoder(nn.Module):
         """``[batch, text_length]`` captions of padding only: the empty caption of classifier-free guidance."""
         return torch.full((batch, self.text_length), self.pad_id, dtype=torch.long, device=device)
 
-    def text_ids(self, text: torch.Tensor) -> torch.Tensor:
-        """Tokeniser rows ``[B, L <= text_length]`` -> the ids the model reads, ``[B, text_length]``.
-
-        Rows are right-padded to ``text_length``, and the padding at position ``i``
-        becomes the padding token ``vocab_size + i`` (Ramesh et al. 2021, appendix B.2).
-
-        Raises:
-            ValueError: rows longer than ``text_length``, or ids outside the tokenizer's vocabulary
-                (a tokenizer that is not the model's).
-        """
+    def check_text_shape(self, text: torch.Tensor) -> None:
+        """Raise a ValueError unless ``text`` is ``[B, L <= text_length]`` tokenizer rows."""
         if text.ndim != 2 or text.shape[1] > self.text_length:
             raise ValueError(
                 f"the token decoder reads captions of at most model.text_length={self.text_length} tokens, "
                 f"got a batch of shape {tuple(text.shape)}; set tokenizer.context_length to {self.text_length}"
             )
+
+    def padding(self, text: torch.Tensor) -> torch.Tensor:
+        """``[B, L]`` bool, True at the padding of tokenizer rows ``text``.
+
+        A ``pad_id`` is padding unless it comes before the row's first ``eot_id``: with CLIP's BPE,
+        pad id 0 is also the symbol ``"!"``, a word of the caption there. Rows without an end-of-text
+        token (the empty caption, or a model without ``eot_id``) have every ``pad_id`` as padding.
+        """
+        is_pad = text == self.pad_id
+        if self.eot_id is None:
+            return is_pad
+        is_eot = (text == self.eot_id).int()
+        inside_caption = (is_eot.cumsum(dim=1) == 0) & is_eot.any(dim=1, keepdim=True)
+        return is_pad & ~inside_caption
+
+    def text_ids(self, text: torch.Tensor) -> torch.Tensor:
+        """Tokeniser rows ``[B, L <= text_length]`` -> the ids the model reads, ``[B, text_length]``.
+
+        Rows are right-padded to ``text_length``, and the padding (:meth:`padding`) at position
+        ``i`` becomes the padding token ``vocab_size + i`` (Ramesh et al. 2021, appendix B.2).
+
+        Raises:
+            ValueError: rows longer than ``text_length``, or ids outside the tokenizer's vocabulary
+                (a tokenizer that is not the model's).
+        """
+        self.check_text_shape(text)
         if text.numel() and (int(text.min()) < 0 or int(text.max()) >= self.vocab_size):
             raise ValueError(
                 f"caption token ids range over [{int(text.min())}, {int(text.max())}] but the model's text "
@@ -308,7 +338,7 @@ class TokenDecoder(nn.Module):
             )
         text = F.pad(text, (0, self.text_length - text.shape[1]), value=self.pad_id)
         padding_ids = self.vocab_size + torch.arange(self.text_length, device=text.device)
-        return torch.where(text == self.pad_id, padding_ids, text)
+        return torch.where(self.padding(text), padding_ids, text)
 
     def check_image_tokens(self, tokens: torch.Tensor) -> None:
         """Raise a ValueError unless ``tokens`` are ``[B, <= grid_size ** 2]`` codebook indices."""

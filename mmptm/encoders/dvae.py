@@ -237,6 +237,11 @@ class ConvDecoder(nn.Module):
 # --------------------------------------------------------------------------- the shared surface
 
 
+def weight_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of ``module``'s parameters: what its inputs are cast to outside an autocast."""
+    return next(module.parameters()).dtype
+
+
 class ImageTokenizer(nn.Module):
     """What the discrete image tokenizers share: geometry, pixel likelihood, token interface and step counter.
 
@@ -314,6 +319,17 @@ class ImageTokenizer(nn.Module):
             raise ValueError(f"{type(self).__name__} takes images [B, {', '.join(map(str, expected))}], "
                              f"got {tuple(images.shape)}")
 
+    def encode_exactly(self, images: torch.Tensor) -> torch.Tensor:
+        """The encoder's output for ``images`` in its weights' precision (fp32 for a run's frozen tokenizer), as fp32.
+
+        Tokens are argmaxes and nearest codes: under a bf16 autocast the rounding flips near-ties
+        (about 6% of a trained dvae's tokens), so the tokens of a batch would depend on the run's
+        precision and disagree with precomputed ones. The encoder therefore runs outside any autocast.
+        """
+        self._check_images(images)
+        with torch.autocast(images.device.type, enabled=False):
+            return self.encoder(images.to(weight_dtype(self.encoder))).float()
+
     def encode_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """``[B, 3, H, W]`` images in [0, 1] -> ``LongTensor[B, grid_size ** 2]`` tokens, row-major."""
         raise NotImplementedError
@@ -332,7 +348,7 @@ class ImageTokenizer(nn.Module):
             raise ValueError(f"tokens must be in [0, {self.codebook_size}), got [{int(tokens.min())}, "
                              f"{int(tokens.max())}]")
         grid = tokens.view(-1, self.grid_size, self.grid_size)
-        return self.pixels(self.decoder(self.code_inputs(grid)))
+        return self.pixels(self.decoder(self.code_inputs(grid).to(weight_dtype(self.decoder))))
 
 
 # --------------------------------------------------------------------------- DALL-E's discrete VAE
@@ -399,8 +415,7 @@ class DiscreteVAE(ImageTokenizer):
 
     @torch.no_grad()
     def encode_tokens(self, images: torch.Tensor) -> torch.Tensor:
-        self._check_images(images)
-        return self.encoder(images).argmax(1).flatten(1)
+        return self.encode_exactly(images).argmax(1).flatten(1)
 
     def code_inputs(self, tokens: torch.Tensor) -> torch.Tensor:
         return F.one_hot(tokens, self.codebook_size).permute(0, 3, 1, 2).float()
@@ -450,11 +465,12 @@ class EMACodebook(nn.Module):
         self.register_buffer("embed_sum", embedding.clone())
 
     def nearest(self, vectors: torch.Tensor) -> torch.Tensor:
-        """Index of the nearest entry (Euclidean) of each row of ``vectors [M, D]``."""
+        """Index of the nearest entry (Euclidean) of each row of fp32 ``vectors [M, D]``."""
+        embedding = self.embedding.float()  # a codebook cast to low precision with its model still compares in fp32
         distances = (
             vectors.pow(2).sum(1, keepdim=True)
-            - 2 * vectors @ self.embedding.T
-            + self.embedding.pow(2).sum(1)[None, :]
+            - 2 * vectors @ embedding.T
+            + embedding.pow(2).sum(1)[None, :]
         )
         return distances.argmin(1)
 
@@ -553,17 +569,16 @@ class VQVAE(ImageTokenizer):
         # fp32 distances and moving averages under bf16/fp16 autocast: rounding would change assignments.
         with torch.autocast(images.device.type, enabled=False):
             indices = self.codebook.nearest(vectors.detach())
-            quantized = self.codebook.embedding[indices]
+            quantized = self.codebook.embedding[indices].float()
             commitment = F.mse_loss(vectors, quantized)
             restarted = self.codebook.update(vectors.detach(), indices) if self.training else 0
         straight_through = vectors + (quantized - vectors).detach()
-        codes = straight_through.view(batch, height, width, dim).permute(0, 3, 1, 2)
+        codes = straight_through.view(batch, height, width, dim).permute(0, 3, 1, 2).to(weight_dtype(self.decoder))
         return VQOutput(self.decoder(codes), indices.view(batch, -1), commitment, restarted)
 
     @torch.no_grad()
     def encode_tokens(self, images: torch.Tensor) -> torch.Tensor:
-        self._check_images(images)
-        encoded = self.encoder(images).float()
+        encoded = self.encode_exactly(images)
         vectors = encoded.permute(0, 2, 3, 1).reshape(-1, encoded.shape[1])
         with torch.autocast(images.device.type, enabled=False):
             return self.codebook.nearest(vectors).view(len(images), -1)

@@ -84,9 +84,10 @@ def tokenize_prompts(model: TokenDecoder, tokenizer: Any, prompts: Sequence[str]
     for prompt in prompts:
         if not prompt.strip():
             raise GenerationError("the prompt is empty: give the caption of the image to generate")
-    # One position more than the model reads: a caption fits when that position is still padding.
+    # One position more than the model reads: a caption fits when that position is still padding
+    # (by the model's own rule, as training reads captions).
     rows = tokenizer(list(prompts), context_length=model.text_length + 1)
-    too_long = (rows[:, -1] != tokenizer.pad_id).nonzero().flatten().tolist()
+    too_long = (~model.padding(rows)[:, -1]).nonzero().flatten().tolist()
     if too_long:
         raise GenerationError(
             f"the prompt '{prompts[too_long[0]]}' is longer than the {model.text_length} caption tokens "

@@ -114,11 +114,19 @@ class ImageTokenizerLoss(nn.Module):
             ``loss``, ``recon_loss``, ``perplexity`` and ``codebook_usage`` (of the batch's argmax tokens),
             and for a dvae ``kl`` (nats per token), ``kl_weight``, ``temperature``; for a vqvae
             ``commitment`` and ``restarted_codes``.
+
+        Raises:
+            KeyError: a batch without images (such as an ``image_tokens`` stream's), naming its keys.
         """
         tokenizer = unwrap_model(model)
         tokenizer = getattr(tokenizer, "_orig_mod", tokenizer)  # inside torch.compile's wrapper
         if not isinstance(tokenizer, ImageTokenizer):
             raise TypeError(f"image_tokenizer trains a dvae or vqvae model, not {type(tokenizer).__name__}")
+        if "image" not in batch:
+            raise KeyError(
+                f"the image_tokenizer objective needs 'image' in its batches (an image_text stream, whose images "
+                f"the model's context leaves in [0, 1]), got {sorted(batch)}"
+            )
         images = batch["image"]
         step = int(tokenizer.step)
         metrics: dict[str, torch.Tensor] = {}

@@ -36,7 +36,11 @@ def drop_captions(model: nn.Module, text: torch.Tensor, probability: float) -> t
     Returns:
         ``(text, dropped)``: the rows, as long as the model's ``text_length``, and a ``[B]`` bool
         mask of the dropped ones.
+
+    Raises:
+        ValueError: rows longer than the model's ``text_length`` (as the model itself refuses them).
     """
+    model.check_text_shape(text)
     dropped = torch.rand(len(text), device=text.device) < probability
     text = F.pad(text, (0, model.text_length - text.shape[1]), value=model.pad_id)
     return torch.where(dropped[:, None], model.null_text(len(text), text.device), text), dropped

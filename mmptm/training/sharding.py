@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmptm.config import ConfigError
+
 MIXED_PRECISION_PARAMS = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Methods of a dual encoder that run the model outside forward(): FSDP must gather around them too.
 FORWARD_METHODS = ("encode_image", "encode_text")
@@ -43,6 +45,16 @@ def shard_units(model: nn.Module) -> list[nn.Module]:
     return units
 
 
+def check_shardable(model: nn.Module) -> None:
+    """Raise a ConfigError for a model that declares, in ``fsdp_unsupported``, why FSDP cannot train it."""
+    reason = getattr(model, "fsdp_unsupported", None)
+    if reason:
+        raise ConfigError(
+            f"distributed.strategy=fsdp cannot train a {type(model).__name__} model: {reason}; "
+            "use distributed.strategy=ddp"
+        )
+
+
 def shard_model(model: nn.Module, precision: str, cpu_offload: bool = False) -> list[nn.Parameter]:
     """Apply FSDP2 in place: each block of :func:`shard_units`, then the root.
 
@@ -59,7 +71,11 @@ def shard_model(model: nn.Module, precision: str, cpu_offload: bool = False) -> 
 
     Returns:
         The replicated (unsharded) parameters.
+
+    Raises:
+        ConfigError: a model FSDP cannot train (:func:`check_shardable`), before anything is sharded.
     """
+    check_shardable(model)
     from torch.distributed.fsdp import (
         CPUOffloadPolicy,
         MixedPrecisionPolicy,
