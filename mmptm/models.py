@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -9,7 +10,7 @@ from typing import Any, NamedTuple
 import yaml
 from torch import nn
 
-from mmptm.config import ConfigError, validate_component
+from mmptm.config import RUNTIME_PARAMETERS, ConfigError, validate_component
 from mmptm.registry import MODELS, build
 
 
@@ -32,20 +33,37 @@ def create_model(config: str | dict[str, Any], tokenizer: Any = None, **options:
         config: a registered model name (``"clip"``) or a model config section
             (``{"name": "clip", "embed_dim": 64, "vision": {...}, "text": {...}}``).
         tokenizer: fills the text tower's ``vocab_size``, ``pad_id`` and ``eot_id``.
-        **options: override entries of the section.
+        **options: override entries of the section; the run-time values a tokenizer gives
+            (``vocab_size``, ``pad_id``, ``eot_id``, ``bos_id``, ``mask_id``) may be passed here
+            instead of ``tokenizer`` (and take precedence over it).
 
     Returns:
         The model, randomly initialised.
 
     Raises:
-        ConfigError: an unknown model/encoder name or option, naming the valid choices.
+        ConfigError: an unknown model/encoder name or option, naming the valid choices; or a model
+            whose text tower needs a tokenizer value (``vocab_size``, ...) that neither ``tokenizer``
+            nor ``options`` gives.
     """
     import mmptm.encoders  # noqa: F401  (register built-in encoders)
 
+    runtime_names = RUNTIME_PARAMETERS["model"]
     section = {"name": config} if isinstance(config, str) else dict(config)
-    section.update(options)
+    section.update({k: v for k, v in options.items() if k not in runtime_names})
+    context = {**tokenizer_context(tokenizer), **{k: v for k, v in options.items() if k in runtime_names}}
     section = validate_component(MODELS, section, "model", "create_model")
-    return build(MODELS, section, **tokenizer_context(tokenizer))
+    try:
+        return build(MODELS, section, **context)
+    except TypeError as err:
+        # A text tower's required tokenizer value (``vocab_size``) arrives only through the context.
+        missing = re.search(r"missing \d+ required .*argument.*?'(\w+)'", str(err))
+        if missing is None or missing.group(1) not in runtime_names or missing.group(1) in context:
+            raise
+        raise ConfigError(
+            f"create_model('{section['name']}'): the model needs '{missing.group(1)}', which comes from its "
+            "tokenizer: pass tokenizer= (e.g. mmptm.data_pipelines.tokenizer.load_tokenizer(...)) "
+            f"or {missing.group(1)}=..."
+        ) from None
 
 
 class Pretrained(NamedTuple):
@@ -81,7 +99,11 @@ def load_pretrained(path: str | Path, device: str = "cpu") -> Pretrained:
     try:  # the architecture first: an unknown one is the error to report, not what follows from it
         validate_component(MODELS, dict(run_config["model"]), "model", str(checkpoint / "config.yaml"))
     except ConfigError as err:
-        raise ConfigError(f"checkpoint {checkpoint} has an architecture this mmptm cannot build: {err}") from None
+        raise ConfigError(
+            f"checkpoint {checkpoint} has an architecture this mmptm cannot build: {err}; a model or encoder "
+            "registered in your own module must be imported first: import it before load_pretrained, or list it "
+            "under 'imports:' in the checkpoint's config.yaml (as `mmptm train --import` does)"
+        ) from None
     context_length = (run_config.get("tokenizer") or {}).get("context_length", 77)
     tokenizer = load_tokenizer(checkpoint, context_length=context_length)
     model = create_model(run_config["model"], tokenizer=tokenizer)

@@ -13,7 +13,7 @@ from PIL import Image
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    # Before resizing: palette and 16-bit images resample poorly (or not at all) with bicubic.
+    # Training converts before its uint8 crop/resize; evaluation after the geometry, as open_clip.
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
@@ -57,7 +57,8 @@ class ImageTransform:
     (:func:`random_resized_crop_box`), resized to ``S`` by torch's antialiased
     bicubic kernel on the uint8 pixels (PIL's filter; results within 2 of 255
     levels of PIL's resize, 2-3x faster); evaluation resizes the shorter side to ``S`` and takes the centre crop
-    (torchvision's ``Resize`` + ``CenterCrop``, bit for bit open_clip's). There
+    (torchvision's ``Resize`` + ``CenterCrop``, then conversion to RGB: bit for bit open_clip's, for
+    images of any mode). There
     is no horizontal flip: text and digits in images are not flip-invariant.
     The uint8 pixels become normalised floats in one fused pass (what
     ``ToTensor`` + ``Normalize`` do in five), or with ``uint8`` stay uint8 for
@@ -109,10 +110,13 @@ class ImageTransform:
             rng: the stream's generator, so that augmentation is a function of the run's seed,
                 epoch, worker and position (default: Python's global one, which DataLoader seeds per worker).
         """
-        image = _to_rgb(image)
         if self._eval_geometry is not None:
-            pixels = torch.from_numpy(np.array(self._eval_geometry(image))).permute(2, 0, 1)  # writable HWC copy
+            # Resize + crop first, then RGB, in open_clip's order: a palette (P) image is then resampled
+            # by PIL's nearest filter and an RGBA one keeps its alpha until the crop, as in open_clip.
+            image = _to_rgb(self._eval_geometry(image))
+            pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # writable HWC copy
         else:
+            image = _to_rgb(image)
             left, top, right, bottom = random_resized_crop_box(*image.size, self.scale, self.ratio, rng or random)
             # The crop as a view of the HWC uint8 pixels, resampled by torch's uint8 antialiased bicubic
             # kernel (PIL's filter, a = -0.5; vectorised, 2-3x faster than PIL's resize; within 2 levels

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmptm.config import ConfigError
 from mmptm.data_pipelines.transforms import normalization_affine
 from mmptm.encoders.layers import grad_cached
 from mmptm.encoders.towers import build_tower, load_tower_weights
@@ -136,9 +137,25 @@ class CLIP(nn.Module):
         return self
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Trade compute for memory in both towers."""
-        self.visual.set_grad_checkpointing(enable)
-        self.text.set_grad_checkpointing(enable)
+        """Trade compute for memory in both towers.
+
+        Raises:
+            ConfigError: enabling it with a tower (e.g. a user-registered encoder) that has no
+                ``set_grad_checkpointing(enable)`` method, naming the tower's class.
+        """
+        towers = {"vision": self.visual, "text": self.text}
+        if enable:
+            lacking = [f"model.{role} ({type(tower).__name__})" for role, tower in towers.items()
+                       if not callable(getattr(tower, "set_grad_checkpointing", None))]
+            if lacking:
+                raise ConfigError(
+                    f"train.grad_checkpointing: the encoder of {' and '.join(lacking)} has no "
+                    "set_grad_checkpointing(enable: bool) method; implement it (recompute its layers in backward, "
+                    "e.g. with torch.utils.checkpoint) or set train.grad_checkpointing=false"
+                )
+        for tower in towers.values():
+            if hasattr(tower, "set_grad_checkpointing"):  # a tower without it never had it enabled
+                tower.set_grad_checkpointing(enable)
 
     def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """Image features ``[B, embed_dim]``, unit-length if ``normalize``.

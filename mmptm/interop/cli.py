@@ -23,7 +23,9 @@ def add_convert_parser(sub: argparse._SubParsersAction) -> None:
         help="an OpenCLIP or OpenAI CLIP weights file (.pt/.bin/.safetensors, TorchScript archive)",
         description="Import OpenAI-architecture CLIP weights (ViT or ModifiedResNet image tower). The "
         "architecture is read from the tensor shapes; --model names the open_clip config for the activation "
-        "and head counts.",
+        "and head counts, and refuses configs whose options change the features without adding weights "
+        "(pooling other than open_clip's default, text no_causal_mask). Without --model those options cannot "
+        "be detected from the weights.",
     )
     oc.add_argument("weights", help="weights file")
     oc.add_argument("output_dir", help="checkpoint folder to create")

@@ -84,13 +84,22 @@ def read_hf_config(model_dir: Path) -> tuple[dict[str, Any], Path]:
     config_file = model_dir / "config.json"
     if not config_file.is_file():
         raise ConversionError(f"'{model_dir}' is not a Hugging Face model folder: no config.json")
+    return read_json_object(config_file), config_file
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in a file (a Hugging Face folder's config, tokenizer or processor file).
+
+    Raises:
+        ConversionError: not valid JSON, or JSON that is not an object.
+    """
     try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ConversionError(f"{config_file}: not valid JSON ({err})") from None
-    if not isinstance(config, dict):
-        raise ConversionError(f"{config_file}: expected a JSON object, got {type(config).__name__}")
-    return config, config_file
+        raise ConversionError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ConversionError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def rename_tensor(name: str, renames: list[tuple[str, str]]) -> str | None:

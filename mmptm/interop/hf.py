@@ -1,8 +1,10 @@
 """Import Hugging Face ``CLIPModel`` folders into mmptm checkpoints, and export mmptm CLIPs as such folders.
 
 A ``CLIPModel`` folder (``save_pretrained``) holds ``config.json``,
-``model.safetensors`` (or ``pytorch_model.bin``), the CLIP BPE tokenizer
-(``vocab.json`` + ``merges.txt``) and ``preprocessor_config.json``. The two
+``model.safetensors`` (or ``pytorch_model.bin``, or shards with an index), the CLIP
+BPE tokenizer (``vocab.json`` + ``merges.txt``, or only ``tokenizer.json`` from
+transformers 5) and ``preprocessor_config.json`` (transformers 5:
+``processor_config.json``). The two
 towers are the same networks as mmptm's ``vit`` and ``text_transformer``; the
 weights differ only in names, in separate q/k/v projections (mmptm keeps
 open_clip's packed ``in_proj``) and in transposed output projections.
@@ -18,10 +20,18 @@ from typing import Any
 
 import torch
 
-from mmptm.interop.common import ConversionError, new_folder, read_hf_config, read_state_dict, write_checkpoint
+from mmptm.interop.common import (
+    ConversionError,
+    new_folder,
+    read_hf_config,
+    read_hf_weights,
+    read_json_object,
+    write_checkpoint,
+)
 
 _ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu"}  # Hugging Face hidden_act -> mmptm act
 _LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, which mmptm's towers use
+_HF_LEGACY_EOS_ID = 2  # CLIPTextModel pools by argmax over token ids when eos_token_id is this
 
 # Per-block parameter names: Hugging Face CLIPEncoderLayer -> open_clip/mmptm ResidualAttentionBlock.
 _BLOCK_RENAMES = {
@@ -152,8 +162,11 @@ def model_config_from_hf(hf_config: dict[str, Any], path: Path) -> dict[str, Any
 def import_hf_clip(model_dir: str | Path, output_dir: str | Path) -> Path:
     """Convert a Hugging Face ``CLIPModel`` folder into an mmptm checkpoint folder.
 
-    The image normalisation of ``preprocessor_config.json`` (when present) is
-    kept in the vision config, so ``load_pretrained``'s transform matches.
+    Weights: ``model.safetensors``, ``pytorch_model.bin`` or the shards of their
+    ``*.index.json``. The tokenizer: ``vocab.json`` + ``merges.txt``, else the BPE of
+    ``tokenizer.json`` (transformers 5 saves only that). The image normalisation of
+    ``preprocessor_config.json``, else of ``processor_config.json``'s ``image_processor``
+    (transformers 5), is kept in the vision config, so ``load_pretrained``'s transform matches.
 
     Raises:
         ConversionError: not a CLIPModel folder, unsupported options, or no CLIP BPE tokenizer files.
@@ -163,23 +176,64 @@ def import_hf_clip(model_dir: str | Path, output_dir: str | Path) -> Path:
     model_dir = Path(model_dir)
     hf_config, config_file = read_hf_config(model_dir)
     config = model_config_from_hf(hf_config, config_file)
-    weights = next((model_dir / n for n in ("model.safetensors", "pytorch_model.bin") if (model_dir / n).is_file()),
-                   None)
-    if weights is None:
-        raise ConversionError(f"'{model_dir}': no model.safetensors or pytorch_model.bin")
-    hf = read_state_dict(weights)
+    hf = read_hf_weights(model_dir)
     state_dict = state_dict_from_hf(hf, config["text"]["layers"], config["vision"]["layers"])
     config["init_logit_scale"] = float(state_dict["logit_scale"])
-    preprocessor = model_dir / "preprocessor_config.json"
-    if preprocessor.is_file():
-        pre = json.loads(preprocessor.read_text(encoding="utf-8"))
-        for key, name in (("image_mean", "image_mean"), ("image_std", "image_std")):
-            if key in pre:
-                config["vision"][name] = [float(x) for x in pre[key]]
-    if not ((model_dir / "vocab.json").is_file() and (model_dir / "merges.txt").is_file()):
-        raise ConversionError(f"'{model_dir}': no CLIP BPE tokenizer (vocab.json + merges.txt)")
-    tokenizer = load_tokenizer(model_dir, context_length=config["text"]["context_length"])
+    config["vision"].update(_image_normalization(model_dir))
+    context_length = config["text"]["context_length"]
+    if (model_dir / "vocab.json").is_file() and (model_dir / "merges.txt").is_file():
+        tokenizer = load_tokenizer(model_dir, context_length=context_length)
+    elif (model_dir / "tokenizer.json").is_file():
+        tokenizer = _bpe_from_tokenizer_json(model_dir / "tokenizer.json", context_length)
+    else:
+        raise ConversionError(f"'{model_dir}': no CLIP BPE tokenizer (vocab.json + merges.txt, or tokenizer.json)")
     return write_checkpoint(output_dir, config, state_dict, tokenizer, source=f"huggingface:{model_dir}")
+
+
+def _image_normalization(model_dir: Path) -> dict[str, list[float]]:
+    """``image_mean`` / ``image_std`` of the folder's image processor, those it sets.
+
+    transformers < 5 writes them to ``preprocessor_config.json``; transformers 5's
+    ``CLIPProcessor.save_pretrained`` to the ``image_processor`` entry of ``processor_config.json``.
+    """
+    preprocessor, processor = model_dir / "preprocessor_config.json", model_dir / "processor_config.json"
+    if preprocessor.is_file():
+        settings = read_json_object(preprocessor)
+    elif processor.is_file():
+        settings = read_json_object(processor).get("image_processor") or {}
+    else:
+        return {}
+    return {key: [float(x) for x in settings[key]] for key in ("image_mean", "image_std") if key in settings}
+
+
+def _bpe_from_tokenizer_json(path: Path, context_length: int) -> Any:
+    """The CLIP BPE of a ``tokenizers`` file (``tokenizer.json``, all transformers 5 saves).
+
+    Its ``model`` holds the ``vocab`` and the ``merges`` (pairs ``[a, b]``, or ``"a b"`` strings
+    in files of ``tokenizers`` < 0.20); ``<|startoftext|>``/``<|endoftext|>`` may be only among
+    its ``added_tokens``.
+
+    Raises:
+        ConversionError: not a BPE model, or not a CLIP byte-level vocabulary.
+    """
+    from mmptm.data_pipelines.clip_bpe import ClipBPETokenizer
+
+    data = read_json_object(path)
+    model = data.get("model") or {}
+    if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict) or not isinstance(
+        model.get("merges"), list
+    ):
+        raise ConversionError(f"{path}: not a BPE tokenizer (model.type 'BPE' with model.vocab and model.merges)")
+    vocab = dict(model["vocab"])
+    for token in data.get("added_tokens") or []:
+        vocab.setdefault(token["content"], token["id"])
+    merges = [tuple(merge.split(" ")) if isinstance(merge, str) else tuple(merge) for merge in model["merges"]]
+    if any(len(pair) != 2 for pair in merges):
+        raise ConversionError(f"{path}: model.merges must be symbol pairs")
+    try:
+        return ClipBPETokenizer(vocab, merges, context_length)
+    except ValueError as err:
+        raise ConversionError(f"{path}: not a CLIP BPE tokenizer: {err}") from None
 
 
 def export_hf_clip(checkpoint: str | Path, output_dir: str | Path) -> Path:
@@ -193,7 +247,8 @@ def export_hf_clip(checkpoint: str | Path, output_dir: str | Path) -> Path:
     so ``CLIPModel`` pools at the same token as mmptm.
 
     Raises:
-        ConversionError: towers other than ``vit`` + ``text_transformer``, or a model with a logit bias.
+        ConversionError: towers other than ``vit`` + ``text_transformer``, a model with a logit bias,
+            or a tokenizer whose end-of-text id is 2 (which ``CLIPTextModel`` would pool wrongly).
     """
     from safetensors.torch import save_file
 
@@ -208,6 +263,15 @@ def export_hf_clip(checkpoint: str | Path, output_dir: str | Path) -> Path:
         )
     if model.logit_bias is not None:
         raise ConversionError(f"{checkpoint}: CLIPModel has no logit bias (a SigLIP-style model cannot be exported)")
+    if tokenizer.eos_id == _HF_LEGACY_EOS_ID:
+        # transformers' CLIPTextModel reads eos_token_id == 2 as a pre-2023 config and pools at the
+        # highest token id (argmax) instead of the end-of-text token, so its text features would differ.
+        raise ConversionError(
+            f"{checkpoint}: its tokenizer's end-of-text id is {_HF_LEGACY_EOS_ID} ({type(tokenizer).__name__}), "
+            f"which transformers' CLIPTextModel treats as the legacy config and pools at the highest token id "
+            f"instead of at end-of-text, giving wrong text features; export only models trained with a tokenizer "
+            f"whose end-of-text id is not {_HF_LEGACY_EOS_ID} (e.g. the CLIP BPE), or use the mmptm checkpoint"
+        )
     v_blocks, t_blocks = visual.transformer.resblocks, text.transformer.resblocks
     act = {name: hf_name for hf_name, name in _ACTIVATIONS.items()}
     hf_config = {

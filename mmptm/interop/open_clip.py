@@ -139,6 +139,59 @@ def _named_config(model_name: str) -> dict[str, Any]:
     return config
 
 
+# open_clip config options that change the features without adding weights, so the weights cannot show
+# them: (section, key) -> the values mmptm's towers compute. Text "eos" pooling is checked against the
+# tokenizer in import_open_clip. final_ln_after_pool is not listed: with single-token pooling ("tok",
+# "argmax", "eos") the per-token LayerNorm before or after pooling gives the same features.
+_FEATURE_OPTIONS: dict[tuple[str, str], tuple[Any, ...]] = {
+    ("vision_cfg", "pool_type"): ("tok",),
+    ("vision_cfg", "act_kwargs"): (None, {}),
+    ("vision_cfg", "norm_kwargs"): (None, {}),
+    ("text_cfg", "pool_type"): ("argmax", "eos"),
+    ("text_cfg", "no_causal_mask"): (False,),
+    ("text_cfg", "act_kwargs"): (None, {}),
+    ("text_cfg", "norm_kwargs"): (None, {}),
+}
+# open_clip's CLIPTextCfg / CLIPVisionCfg defaults for the keys read here (a named config may omit them).
+_OPEN_CLIP_TEXT_DEFAULTS = {"heads": 8, "eos_id": 2}
+_OPEN_CLIP_VISION_HEAD_WIDTH = 64
+
+
+def check_named_options(named: dict[str, Any], model_name: str) -> None:
+    """Refuse an open_clip model config whose options change the features without adding weights.
+
+    Args:
+        named: the open_clip model config (``open_clip.get_model_config``).
+        model_name: its name, for messages.
+
+    Raises:
+        ConversionError: naming the first such key, its value and the accepted values.
+    """
+    for (section, key), accepted in _FEATURE_OPTIONS.items():
+        value = (named.get(section) or {}).get(key, accepted[0])
+        if value not in accepted:
+            raise ConversionError(
+                f"open_clip model '{model_name}': {section}.{key} = {value!r} changes the features in a way "
+                f"mmptm's towers do not compute; accepted: {' or '.join(repr(a) for a in accepted)}"
+            )
+
+
+def named_heads(named: dict[str, Any]) -> tuple[int, int | None]:
+    """``(text_heads, vision_heads)`` of an open_clip model config, by open_clip's rules.
+
+    Text: ``text_cfg.heads`` (default 8). Vision: ``width // head_width`` for a ViT and
+    ``width * 32 // head_width`` (the attention pool's width is 32x the stem's) for a
+    ModifiedResNet (``layers`` a list), ``head_width`` 64 by default; None without a ``width``.
+    """
+    text_heads = (named.get("text_cfg") or {}).get("heads", _OPEN_CLIP_TEXT_DEFAULTS["heads"])
+    vision_cfg = named.get("vision_cfg") or {}
+    if "width" not in vision_cfg:
+        return text_heads, None
+    head_width = vision_cfg.get("head_width", _OPEN_CLIP_VISION_HEAD_WIDTH)
+    is_resnet = isinstance(vision_cfg.get("layers"), (list, tuple))
+    return text_heads, (vision_cfg["width"] * 32 if is_resnet else vision_cfg["width"]) // head_width
+
+
 def import_open_clip(
     weights: str | Path,
     output_dir: str | Path,
@@ -152,7 +205,12 @@ def import_open_clip(
         weights: ``.pt``/``.pth``/``.bin``/``.safetensors`` file or TorchScript archive.
         output_dir: the checkpoint folder to create.
         model_name: the open_clip model config the weights belong to (e.g.
-            ``"ViT-B-32"``, ``"RN50-quickgelu"``): gives the activation and head counts.
+            ``"ViT-B-32"``, ``"RN50-quickgelu"``): gives the activation and head counts, and
+            its options that change the features without adding weights are checked (vision
+            ``pool_type`` other than ``'tok'``, text ``pool_type`` other than ``'argmax'``/``'eos'``
+            at the tokenizer's end-of-text id, text ``no_causal_mask``, ``act_kwargs``/``norm_kwargs``)
+            and refused. Without it such options cannot be detected from the weights: the import
+            succeeds and the features differ from open_clip's.
         quick_gelu: QuickGELU activations; default: from ``model_name``, else True for
             OpenAI TorchScript archives and False otherwise (open_clip's non-``-quickgelu`` models).
         tokenizer: the CLIP BPE vocabulary (``.txt.gz`` merges file or a folder with
@@ -160,20 +218,23 @@ def import_open_clip(
 
     Returns:
         The checkpoint folder.
+
+    Raises:
+        ConversionError: weights of an unsupported architecture, an unknown ``model_name`` or one
+            with feature-changing options (see above), or a tokenizer that does not fit.
     """
     from mmptm.data_pipelines.tokenizer import load_tokenizer
 
     path = Path(weights)
     state_dict = to_mmptm_layout(read_state_dict(path))
     text_heads = vision_heads = None
+    named: dict[str, Any] = {}
     if model_name is not None:
         named = _named_config(model_name)
+        check_named_options(named, model_name)
         if quick_gelu is None:
             quick_gelu = bool(named.get("quick_gelu", False))
-        text_heads = named.get("text_cfg", {}).get("heads")
-        vision_cfg = named.get("vision_cfg", {})
-        if "head_width" in vision_cfg and "width" in vision_cfg:
-            vision_heads = vision_cfg["width"] // vision_cfg["head_width"]
+        text_heads, vision_heads = named_heads(named)
     if quick_gelu is None:
         quick_gelu = is_torchscript(path)
     config = infer_model_config(state_dict, "quick_gelu" if quick_gelu else "gelu", text_heads, vision_heads)
@@ -182,5 +243,12 @@ def import_open_clip(
         raise ConversionError(
             f"the tokenizer has {bpe.vocab_size} tokens but the text tower embeds "
             f"{state_dict['text.token_embedding.weight'].shape[0]}: pass the model's own --tokenizer"
+        )
+    text_cfg = named.get("text_cfg", {})
+    if text_cfg.get("pool_type") == "eos" and text_cfg.get("eos_id", _OPEN_CLIP_TEXT_DEFAULTS["eos_id"]) != bpe.eos_id:
+        raise ConversionError(
+            f"open_clip model '{model_name}': text_cfg.pool_type 'eos' pools at eos_id "
+            f"{text_cfg.get('eos_id', _OPEN_CLIP_TEXT_DEFAULTS['eos_id'])}, but mmptm pools at the tokenizer's "
+            f"end-of-text id {bpe.eos_id}; accepted: pool_type 'argmax', or 'eos' with eos_id {bpe.eos_id}"
         )
     return write_checkpoint(output_dir, config, state_dict, bpe, source=f"open_clip:{path}")
