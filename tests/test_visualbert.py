@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import mmptm
@@ -16,7 +18,7 @@ from mmptm.encoders.fusion import MissingVisualInputError
 from mmptm.encoders.visual_inputs import box_location, grid_boxes
 from mmptm.objectives import ImageTextMatching, MaskedRegionModelling, VisionLanguageMLM
 from mmptm.objectives.itm import negative_candidates
-from mmptm.objectives.mrm import OnlineKMeans, choose_regions
+from mmptm.objectives.mrm import OnlineKMeans, choose_regions, masked_visual_inputs, zero_token_pixels
 
 TOKENIZER = types.SimpleNamespace(vocab_size=50, pad_id=0, eos_id=3, bos_id=2, mask_id=4)
 TINY_VIT = {"name": "vit", "image_size": 16, "patch_size": 8, "width": 16, "layers": 1, "heads": 2}
@@ -84,6 +86,55 @@ def test_visual_inputs_and_heads(vision):
         assert model.visual_projection.weight.grad is not None
 
 
+
+def test_a_frozen_tower_is_in_eval_mode_from_construction():
+    # Before any train()/eval() call: a frozen timm tower's BatchNorm statistics must not move.
+    pytest.importorskip("timm")
+    model = tiny_visualbert(vision={"timm_model": "resnet18", "image_size": 64}, freeze_vision=True)
+    assert model.training and not model.visual.training
+    norm = next(m for m in model.visual.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    before = norm.running_mean.clone()
+    model(captions(2), image=torch.randn(2, 3, 64, 64))
+    torch.testing.assert_close(norm.running_mean, before, rtol=0, atol=0)
+    assert tiny_visualbert().visual.training  # a trained tower trains
+
+
+# CLIP BPE-like ids: the pad id 0 is also the symbol "!".
+BPE_TOKENIZER = types.SimpleNamespace(vocab_size=50, pad_id=0, eos_id=49, bos_id=48, mask_id=None)
+TINY_FUSION = {
+    "visualbert": {"name": "visualbert", "width": 16, "layers": 1, "heads": 2},
+    "vilbert": {"name": "vilbert", "text_width": 16, "text_layers": 1, "text_heads": 2, "visual_width": 8,
+                "visual_layers": 1, "visual_heads": 2, "coattention_width": 16, "coattention_heads": 2,
+                "text_coattention_ids": [1], "visual_coattention_ids": [1]},
+}
+
+
+@pytest.mark.parametrize("name", list(TINY_FUSION))
+def test_a_pad_id_inside_the_caption_is_a_word_and_padding_after_eot_is_not(name):
+    torch.manual_seed(0)
+    model = mmptm.create_model({**TINY_FUSION[name], "visual_dim": 12, "max_text_length": 8, "dropout": 0.0,
+                                "init_std": 0.2, "vision": None}, tokenizer=BPE_TOKENIZER).eval()
+    regions, boxes = torch.randn(1, 3, 12), torch.rand(1, 3, 4)
+    exclaimed = torch.tensor([[48, 10, 0, 11, 49, 0, 0]])  # "<sot> wow ! cat <eot> <pad> <pad>"
+    plain = torch.tensor([[48, 10, 12, 11, 49, 0, 0]])  # "<sot> wow so cat <eot> <pad> <pad>"
+    with torch.no_grad():
+        before = {k: model(t, regions=regions, boxes=boxes) for k, t in (("!", exclaimed), ("plain", plain))}
+        model.embeddings.word_embeddings.weight[0] += 5 * torch.randn(16)  # another "!" (and padding)
+        after = {k: model(t, regions=regions, boxes=boxes) for k, t in (("!", exclaimed), ("plain", plain))}
+        shorter = model(plain[:, :5], regions=regions, boxes=boxes)
+    # "!" before the end-of-text token is seen by [CLS] and the ITM head.
+    assert (before["!"].text[0, 0] - after["!"].text[0, 0]).abs().max() > 1e-3
+    assert (before["!"].itm_logits - after["!"].itm_logits).abs().max() > 1e-4
+    # Padding after it is not: the caption's and the regions' states ignore its embedding and its length.
+    for out in (after["plain"], shorter):
+        torch.testing.assert_close(out.text[:, :5], before["plain"].text[:, :5], rtol=0, atol=1e-6)
+        torch.testing.assert_close(out.visual, before["plain"].visual, rtol=0, atol=1e-6)
+        torch.testing.assert_close(out.itm_logits, before["plain"].itm_logits, rtol=0, atol=1e-6)
+    # And "!" trains: its embedding row gets a gradient.
+    model.train()
+    model(exclaimed, regions=regions, boxes=boxes).itm_logits.sum().backward()
+    assert model.embeddings.word_embeddings.weight.grad[0].abs().sum() > 0
+
 def test_pair_index_scores_texts_against_one_encoding():
     model = tiny_visualbert().eval()
     images, text = torch.randn(2, 3, 16, 16), captions(2)
@@ -120,6 +171,33 @@ def test_online_kmeans_separates_clusters():
         codes = kmeans.assign_and_update(features)
     assert codes[:50].unique().numel() == 1 and codes[50:].unique().numel() == 1 and codes[0] != codes[50]
 
+
+
+def _kmeans_worker(rank: int, init_file: str, results_dir: str) -> None:
+    """One of 2 gloo ranks: a codebook initialised and updated from this rank's own batches."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(1234)  # the same global seed on every rank, as the trainer sets it
+        data = torch.Generator().manual_seed(100 + rank)  # each rank reads its own samples
+        probe = torch.randn(64, 16, generator=torch.Generator().manual_seed(7))  # the same on both ranks
+        kmeans = OnlineKMeans(codes=8, momentum=0.9)
+        kmeans.assign_and_update(torch.randn(32, 16, generator=data))
+        results = {"init": (kmeans.assign_and_update(probe, training=False), kmeans.centroids.clone())}
+        for _ in range(10):
+            kmeans.assign_and_update(torch.randn(32, 16, generator=data))
+        results["updated"] = (kmeans.assign_and_update(probe, training=False), kmeans.centroids.clone())
+        torch.save(results, Path(results_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_online_kmeans_ranks_share_one_codebook(tmp_path):
+    mp.spawn(_kmeans_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    first, second = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    for stage in ("init", "updated"):
+        torch.testing.assert_close(first[stage][1], second[stage][1], rtol=0, atol=0, msg=stage)
+        assert torch.equal(first[stage][0], second[stage][0]), stage  # identical features, identical codes
+    assert first["init"][0].unique().numel() > 1  # a codebook in use, not one code for everything
 
 def test_itm_learns_a_fixed_batch():
     torch.manual_seed(0)
@@ -161,6 +239,26 @@ def test_mlm_and_mrm_train_the_model(inputs):
     for name, values in history.items():  # a fixed batch is learnt (the masks change every step: compare means)
         assert sum(values[-5:]) < 0.9 * sum(values[:5]), (name, values)
 
+
+
+def test_mrm_hides_masked_patches_from_the_vit_tower_and_takes_targets_from_the_whole_image():
+    torch.manual_seed(0)
+    model = tiny_visualbert(visual_dim=16).eval()
+    image = torch.randn(2, 3, 16, 16, requires_grad=True)
+    seen, targets, masked = masked_visual_inputs(model, {"image": image}, mask_prob=0.5)
+    torch.testing.assert_close(targets.features, model.visual_inputs(image=image).features, rtol=0, atol=0)
+    assert not targets.features.requires_grad and seen.features.requires_grad
+    # What the fusion layers see (masked tokens are zeroed in the forward pass) depends on no masked pixel.
+    (grad,) = torch.autograd.grad(seen.features[~masked].pow(2).sum(), image)
+    cells = masked[:, 1:].view(2, 2, 2).repeat_interleave(8, dim=1).repeat_interleave(8, dim=2)  # 8-pixel patches
+    assert cells.any() and (~cells).any()
+    assert grad.abs().sum(dim=1)[cells].max() == 0 and grad.abs().sum(dim=1)[~cells].min() > 0
+    # A masked class token (its box: the whole image) hides no pixels.
+    everything = torch.ones(2, 5, dtype=torch.bool)
+    only_class = everything.clone()
+    only_class[:, 1:] = False
+    torch.testing.assert_close(zero_token_pixels(image, targets.boxes, only_class), image, rtol=0, atol=0)
+    assert not zero_token_pixels(image, targets.boxes, everything).any()
 
 def test_detector_distribution_target_uses_kl():
     model = tiny_visualbert(vision=None)

@@ -17,6 +17,12 @@ class DataContext:
         training: train-time augmentation and shuffling (False: deterministic).
         seed: base seed; streams derive per-epoch, per-rank, per-worker seeds from it.
         rank / world_size: this process's place among the data-parallel processes.
+        region_dim / region_classes: the feature size and class count of the region features the model
+            reads (a fusion model without an image tower), so that a sample of another size is skipped
+            and counted instead of breaking its batch; None: not checked.
+        image_token_grid / image_codebook_size: the side of the token grids and the codebook size of the
+            image tokens the model reads (a DALL-E token decoder), so that a precomputed grid of another
+            size or with ids outside the codebook is skipped and counted; None: not checked.
     """
 
     tokenizer: Any = None
@@ -27,6 +33,10 @@ class DataContext:
     seed: int = 0
     rank: int = 0
     world_size: int = 1
+    region_dim: int | None = None
+    region_classes: int | None = None
+    image_token_grid: int | None = None
+    image_codebook_size: int | None = None
 
 
 def image_tower(model: Any) -> Any:
@@ -43,15 +53,24 @@ def model_data_context(model: Any, **fields: Any) -> DataContext:
 
     Args:
         model: a model whose vision tower (``model.visual``, or the model itself without one) may have
-            ``image_size``, ``image_mean`` and ``image_std`` (the defaults stand in for what it lacks).
+            ``image_size``, ``image_mean`` and ``image_std`` (the defaults stand in for what it lacks);
+            a model that reads region features (``reads_regions``) gives their ``visual_dim`` and
+            ``region_classes``; a model that reads image tokens (``reads_image_tokens``) gives their
+            ``grid_size`` and ``codebook_size``.
         fields: the other fields (``tokenizer``, ``training``, ``seed``, ...).
     """
     visual = image_tower(model)
     defaults = DataContext()
+    regions = bool(getattr(model, "reads_regions", False))
+    image_tokens = bool(getattr(model, "reads_image_tokens", False))
     return DataContext(
         image_size=getattr(visual, "image_size", defaults.image_size),
         image_mean=tuple(getattr(visual, "image_mean", defaults.image_mean)),
         image_std=tuple(getattr(visual, "image_std", defaults.image_std)),
+        region_dim=getattr(model, "visual_dim", None) if regions else None,
+        region_classes=getattr(model, "region_classes", None) if regions else None,
+        image_token_grid=model.grid_size if image_tokens else None,
+        image_codebook_size=model.codebook_size if image_tokens else None,
         **fields,
     )
 

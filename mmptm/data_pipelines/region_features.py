@@ -53,21 +53,36 @@ def load_array(raw: dict[str, Any], key: str, option: str) -> np.ndarray:
     return array
 
 
+def check_finite(array: np.ndarray, key: str) -> None:
+    """Raise ``BadSample`` naming ``key`` when ``array`` holds a NaN or an infinity (they would poison the loss)."""
+    if not np.isfinite(array).all():
+        raise BadSample(f"'{key}' holds NaN or infinite values")
+
+
 class RegionDecoder(ImageTextDecoder):
     """The ``image_text`` decoder with region features, boxes (and class distributions) in place of the image.
 
     Args:
         feature_key / boxes_key / class_key: file extensions of the features, boxes and class distributions.
         max_regions: keep at most this many regions (the first ones: detectors sort by confidence).
+        feature_dim / num_classes: the D and C every sample must have (the model's; None: any).
         **caption_options: ``caption_key``, ``caption_languages``, ``label_key``, ``all_captions``.
     """
 
     def __init__(
-        self, feature_key: str, boxes_key: str, class_key: str | None, max_regions: int, **caption_options: Any
+        self,
+        feature_key: str,
+        boxes_key: str,
+        class_key: str | None,
+        max_regions: int,
+        feature_dim: int | None = None,
+        num_classes: int | None = None,
+        **caption_options: Any,
     ) -> None:
         super().__init__(None, **caption_options)
         self.feature_key, self.boxes_key, self.class_key = feature_key, boxes_key, class_key
         self.max_regions = max_regions
+        self.feature_dim, self.num_classes = feature_dim, num_classes
 
     def visual(self, raw: dict[str, Any], rng: random.Random) -> dict[str, Any]:  # noqa: ARG002 (no augmentation)
         """``{"regions": [N, D], "boxes": [N, 4] normalised[, "region_classes": [N, C]]}`` of a raw sample."""
@@ -79,6 +94,13 @@ class RegionDecoder(ImageTextDecoder):
             )
         if len(features) == 0:
             raise BadSample("no regions")
+        if self.feature_dim is not None and features.shape[1] != self.feature_dim:
+            raise BadSample(
+                f"'{self.feature_key}' has {features.shape[1]} features per region, the model reads "
+                f"{self.feature_dim} (model.visual_dim)"
+            )
+        check_finite(features, self.feature_key)
+        check_finite(boxes, self.boxes_key)
         if boxes.max() > 1.0:  # pixel coordinates: normalise by the image size
             boxes = boxes / self._image_size(raw)
         out = {
@@ -89,6 +111,12 @@ class RegionDecoder(ImageTextDecoder):
             classes = load_array(raw, self.class_key, "class_key").astype(np.float32)
             if classes.ndim != 2 or len(classes) != len(features):
                 raise BadSample(f"'{self.class_key}' must be N×C for the {len(features)} regions, got {classes.shape}")
+            if self.num_classes is not None and classes.shape[1] != self.num_classes:
+                raise BadSample(
+                    f"'{self.class_key}' has {classes.shape[1]} classes per region, the model has "
+                    f"{self.num_classes} (model.region_classes)"
+                )
+            check_finite(classes, self.class_key)
             out[REGION_CLASSES_KEY] = torch.from_numpy(classes[: self.max_regions])
         return out
 
@@ -186,11 +214,13 @@ def region_features(
     Batches are ``{"regions": [B, N, D], "boxes": [B, N, 4], "region_mask": [B, N], "text": [B, L],
     "caption": [str], "key": [str], "skipped": int, "skipped_keys": [str][, "region_classes": [B, N, C],
     "label": [B]]}``, N the most regions of a sample in the batch. A sample whose arrays are missing or
-    malformed is skipped and counted; a shard set whose first sample lacks a file the options name
-    fails at once, naming it.
+    malformed (also: NaN or infinite values, or a feature size or class count other than the model's
+    ``visual_dim`` and ``region_classes``, which ``context`` carries) is skipped and counted; a shard
+    set whose first sample lacks a file the options name fails at once, naming it.
 
     Args:
-        context: tokenizer, training flag, seed, rank, world size.
+        context: tokenizer, training flag, seed, rank, world size; the model's region feature size and
+            class count (checked per sample when set).
         shards: shard URLs/brace pattern, a directory of ``*.tar``, or ``::``-separated parts.
         batch_size / num_workers / shuffle_buffer / resample / epoch_samples / drop_last: as ``image_text``.
         feature_key: extension of the N×D features file.
@@ -214,7 +244,7 @@ def region_features(
         required[class_key] = "class_key"
     check_shard_files(resolve_shards(shards), required)
     decoder = RegionDecoder(
-        feature_key, boxes_key, class_key, max_regions,
+        feature_key, boxes_key, class_key, max_regions, context.region_dim, context.region_classes,
         caption_key=caption_key, caption_languages=caption_languages, label_key=label_key, all_captions=all_captions,
     )
     return shard_stream(

@@ -146,7 +146,8 @@ class BertEmbeddings(nn.Module):
         width: embedding width.
         max_positions: longest sequence.
         segments: number of segment (token type) ids.
-        pad_id: the padding id (its embedding starts at zero, as Hugging Face's ``padding_idx``).
+        pad_id: the padding id (its embedding starts at zero and gets no gradient, as Hugging Face's
+            ``padding_idx``); None: no such id (a tokenizer whose pad id is also a symbol).
         dropout: dropout probability.
         eps: LayerNorm epsilon.
     """
@@ -157,7 +158,7 @@ class BertEmbeddings(nn.Module):
         width: int,
         max_positions: int = 512,
         segments: int = 2,
-        pad_id: int = 0,
+        pad_id: int | None = 0,
         dropout: float = 0.1,
         eps: float = BERT_LAYER_NORM_EPS,
     ) -> None:

@@ -78,7 +78,8 @@ class FusionModel(nn.Module):
             ``forward_tokens``), built with ``embed_dim=visual_dim``; None (``null``): read precomputed
             region features from the batch (``regions``, ``boxes``, ``region_mask``; the
             ``region_features`` dataset).
-        freeze_vision: keep the tower's weights fixed (no gradients, eval mode).
+        freeze_vision: keep the tower's weights fixed (no gradients, eval mode): the weights it is built
+            with (random) unless ``train.init_from`` loads a fusion checkpoint.
         visual_dim: feature size of a visual token: the tower's output or the regions' D.
         region_classes: classes of the masked-region classification head (k-means codes, dVAE
             tokens or detector classes, see the ``mrm`` objective).
@@ -138,8 +139,10 @@ class FusionModel(nn.Module):
         self.grad_checkpointing = False
         self.visual = None if vision is None else self._build_tower(vision, visual_dim)
         if self.visual is not None and freeze_vision:
-            self.visual.requires_grad_(False)
-        self.embeddings = BertEmbeddings(vocab_size, text_width, max_text_length, pad_id=pad_id, dropout=dropout)
+            self.visual.requires_grad_(False).eval()  # eval from the start, as train() keeps it
+        # No padding_idx: padding is found by its place (text_keep), and CLIP BPE's pad id 0 is also "!",
+        # whose embedding must train. Padding positions are masked out of attention, so its row gets no gradient.
+        self.embeddings = BertEmbeddings(vocab_size, text_width, max_text_length, pad_id=None, dropout=dropout)
         self.mlm_head = MaskedLMHead(text_width, vocab_size)
         self.region_regression = RegionHead(visual_width, visual_dim, BERT_LAYER_NORM_EPS)
         self.region_classifier = RegionHead(visual_width, region_classes, BERT_LAYER_NORM_EPS)
@@ -180,6 +183,21 @@ class FusionModel(nn.Module):
                 "use vit or timm, or model.vision=null with region features"
             )
         return tower
+
+    def text_keep(self, text: torch.Tensor) -> torch.Tensor:
+        """``[B, L]`` bool, True at the caption's tokens: those that are not ``pad_id``, and any ``pad_id``
+        before the row's first end-of-text token.
+
+        With CLIP's BPE, ``pad_id`` 0 is also the symbol ``"!"``: inside a caption it is a word and
+        stays visible, after the end-of-text token it is padding. For WordPiece captions
+        (``[CLS] ... [SEP] [PAD]...``) this is Hugging Face's ``attention_mask`` (``text != pad``).
+        """
+        not_pad = text != self.pad_id
+        if self.eot_id is None:
+            return not_pad
+        is_eot = (text == self.eot_id).int()
+        before_first_eot = (is_eot.cumsum(dim=1) == 0) & is_eot.any(dim=1, keepdim=True)
+        return not_pad | before_first_eot
 
     @property
     def reads_regions(self) -> bool:

@@ -158,7 +158,7 @@ class ViLBert(FusionModel):
         self, text: torch.Tensor, visual: VisualInputs, text_layers: bool
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
         """Run both streams with their co-attention layers interleaved; drop ``[IMG]`` from the visual states."""
-        text_mask = text != self.pad_id
+        text_mask = self.text_keep(text)
         t = self.embeddings(text)
         v, visual_mask = self.embed_visual(visual)
         history = [t] if text_layers else []

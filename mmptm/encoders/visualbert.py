@@ -86,7 +86,7 @@ class VisualBert(FusionModel):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
         """Encode the joint sequence; split it back into text and visual states; pool ``[CLS]`` for ITM."""
         length = text.shape[1]
-        mask = torch.cat([text != self.pad_id, visual.mask], dim=1)
+        mask = torch.cat([self.text_keep(text), visual.mask], dim=1)
         x = self.embed(text, visual)
         history = [x[:, :length]] if text_layers else []
         for layer in self.layers:

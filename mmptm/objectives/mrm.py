@@ -19,6 +19,21 @@ caption and the other tokens, predicts for each masked token
 
 With a trainable image tower the regression target moves with the tower; the
 targets are detached, and the other objectives keep the features informative.
+
+A masked token's feature is zeroed at the fusion layers' input. With an image
+tower that alone would leak the target: the tower's self-attention has already
+mixed the masked patch into the other patch tokens (and the class token), which
+the fusion layers still see. With mmptm's ViT tower the masked patches' pixels
+are therefore zeroed before the tower too (as BEiT, Bao et al. 2022, sec. 2.2,
+masks at the tower's input), and the targets come from a pass over the
+unmasked images; a timm tower is masked after the tower only, so its
+convolutions or attention still leak the masked cells into their neighbours.
+Region features (``model.vision: null``) come from the detector one region at
+a time and do not leak.
+
+The k-means codebook is a persistent buffer of the objective: the trainer saves
+it with the training state and ``--resume`` restores it, and with several
+processes every rank starts from rank 0's codebook.
 """
 
 from __future__ import annotations
@@ -26,14 +41,16 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from mmptm.data_pipelines.context import model_data_context
 from mmptm.encoders.fusion import FusionModel, fusion_model, visual_batch
+from mmptm.encoders.vision import VisionTransformer
 from mmptm.encoders.visual_inputs import REGION_CLASSES_KEY, VisualInputs, grid_boxes
 from mmptm.registry import register_objective
-from mmptm.training.distributed import all_reduce_mean
+from mmptm.training.distributed import all_reduce_mean, world_info
 
 
 def choose_regions(valid: torch.Tensor, mask_prob: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -54,26 +71,99 @@ def choose_regions(valid: torch.Tensor, mask_prob: float, generator: torch.Gener
     return chosen | (lowest & ~chosen.any(dim=1, keepdim=True))
 
 
+def zero_token_pixels(images: torch.Tensor, boxes: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """``images`` with the pixels inside the boxes of the chosen visual tokens set to 0 (the normalised mean).
+
+    Tokens whose box is the whole image (a ViT's class token) leave the pixels as they are.
+
+    Args:
+        images: ``[B, 3, H, W]`` normalised images.
+        boxes: ``[B, N, 4]`` normalised ``x1, y1, x2, y2`` of the visual tokens.
+        chosen: ``[B, N]`` bool, the tokens to mask.
+
+    Returns:
+        ``[B, 3, H, W]``.
+    """
+    height, width = images.shape[-2:]
+    boxes = boxes.float()
+    patch = chosen & ((boxes[..., 2:] - boxes[..., :2]) < 1).any(dim=-1)
+    ys = (torch.arange(height, device=images.device) + 0.5) / height  # pixel centres
+    xs = (torch.arange(width, device=images.device) + 0.5) / width
+    rows = (ys >= boxes[..., 1:2]) & (ys < boxes[..., 3:4]) & patch[..., None]  # [B, N, H]
+    cols = (xs >= boxes[..., 0:1]) & (xs < boxes[..., 2:3])  # [B, N, W]
+    # A pixel is masked when some chosen token's rows and columns both hold it: [B, H, N] @ [B, N, W].
+    hidden = torch.bmm(rows.transpose(1, 2).float(), cols.float()) > 0
+    return images.masked_fill(hidden[:, None], 0.0)
+
+
+def masked_visual_inputs(
+    model: FusionModel, visual: dict[str, torch.Tensor], mask_prob: float
+) -> tuple[VisualInputs, VisualInputs, torch.Tensor]:
+    """The visual tokens the fusion layers see, those the targets come from, and the tokens to mask.
+
+    With mmptm's ViT tower the chosen patches' pixels are zeroed before the tower (the targets come
+    from a pass over the unmasked images, without gradients), so that its self-attention cannot carry
+    a masked patch into the tokens the fusion layers see; otherwise both are the same tokens.
+
+    Args:
+        model: the fusion model.
+        visual: its visual inputs (``visual_batch``).
+        mask_prob: probability of masking each visual token.
+
+    Returns:
+        ``(seen, targets, masked [B, N] bool)``.
+    """
+    if not isinstance(model.visual, VisionTransformer):
+        inputs = model.visual_inputs(**visual)
+        return inputs, inputs, choose_regions(inputs.mask, mask_prob)
+    with torch.no_grad():
+        targets = model.visual_inputs(**visual)
+    masked = choose_regions(targets.mask, mask_prob)
+    seen = model.visual_inputs(image=zero_token_pixels(visual["image"], targets.boxes, masked))
+    return seen, targets, masked
+
+
 class OnlineKMeans(nn.Module):
     """A spherical k-means codebook of visual features, updated by EMA from every batch (Sculley 2010).
 
+    The centroids are a persistent buffer, saved with the objective's state (the trainer checkpoints it)
+    so that a resumed run keeps the codes its region classifier learnt; a state dict of an initialised
+    codebook sets the code count. With several processes the first batch's centroids are taken from
+    rank 0 and every update averages the ranks' statistics, so all ranks hold the same codebook.
+
     Args:
-        codes: number of centroids.
+        codes: number of centroids (None: set before the first call, or by a loaded state dict).
         momentum: EMA momentum of the centroid updates.
     """
 
-    def __init__(self, codes: int, momentum: float = 0.99) -> None:
+    def __init__(self, codes: int | None = None, momentum: float = 0.99) -> None:
         super().__init__()
         self.codes = codes
         self.momentum = momentum
-        self.register_buffer("centroids", torch.empty(0), persistent=False)
+        self.register_buffer("centroids", torch.empty(0))
+
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any], strict: bool,
+        missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str],
+    ) -> None:
+        """Adopt the saved codebook's shape (this one may not be initialised yet), then load it."""
+        saved = state_dict.get(prefix + "centroids")
+        if saved is not None:
+            self.centroids = torch.empty_like(saved, device=self.centroids.device)
+            self.codes = len(saved) if saved.numel() else self.codes
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     @torch.no_grad()
     def assign_and_update(self, features: torch.Tensor, training: bool = True) -> torch.Tensor:
         """The nearest centroid of each feature (cosine); then move the centroids toward their members.
 
+        Every process must make the same calls (the first one broadcasts, updates all-reduce).
+
         Args:
-            features: ``[M, D]`` features (the first call initialises the centroids from them).
+            features: ``[M, D]`` features (the first call initialises the centroids from them, or from
+                rank 0's with several processes).
             training: update the centroids (averaged over ranks).
 
         Returns:
@@ -81,8 +171,13 @@ class OnlineKMeans(nn.Module):
         """
         x = F.normalize(features.float(), dim=-1)
         if self.centroids.numel() == 0:
+            if self.codes is None:
+                raise ValueError("OnlineKMeans: set codes (the number of centroids) before the first batch")
             picks = torch.randint(len(x), (self.codes,), device=x.device)
-            self.centroids = F.normalize(x[picks] + 1e-3 * torch.randn_like(x[picks]), dim=-1)
+            centroids = F.normalize(x[picks] + 1e-3 * torch.randn_like(x[picks]), dim=-1)
+            if world_info()[1] > 1:  # each rank drew from its own batch: all take rank 0's codebook
+                dist.broadcast(centroids, src=0)
+            self.centroids = centroids
         codes = (x @ self.centroids.T).argmax(dim=1)
         if training:
             one_hot = F.one_hot(codes, self.codes).float()
@@ -210,8 +305,9 @@ class MaskedRegionModelling(nn.Module):
         self.regression_weight = regression_weight
         self.classification_weight = classification_weight
         self.target = target
-        self.kmeans_momentum = kmeans_momentum
-        self.kmeans: OnlineKMeans | None = None
+        # Always present (its code count is the model's, known at the first batch), so that the trainer's
+        # checkpoint of the objectives holds the codebook and a resumed run restores it.
+        self.kmeans = OnlineKMeans(momentum=kmeans_momentum)
         if target == "dvae" and dvae is None:
             raise ValueError("mrm: target dvae needs the dvae option (a dVAE checkpoint folder)")
         self.dvae_targets = DVAETargets(dvae) if dvae is not None else None
@@ -246,8 +342,13 @@ class MaskedRegionModelling(nn.Module):
             log_probs = F.log_softmax(logits[scored].float(), dim=-1)
             # Masked whole-image tokens have no target; the sum keeps the head in the graph even then.
             return -(targets[masked][scored] * log_probs).sum(dim=-1).mean() if scored.any() else logits.sum() * 0.0
-        if self.kmeans is None:
-            self.kmeans = OnlineKMeans(model.region_classes, self.kmeans_momentum)
+        if self.kmeans.codes is None:
+            self.kmeans.codes = model.region_classes
+        elif self.kmeans.codes != model.region_classes:
+            raise ValueError(
+                f"objective mrm: the k-means codebook (restored from a checkpoint) has {self.kmeans.codes} codes "
+                f"but model.region_classes is {model.region_classes}: resume with the run's model.region_classes"
+            )
         codes = self.kmeans.assign_and_update(inputs.features[masked].detach(), training=self.training)
         return F.cross_entropy(logits.float(), codes)
 
@@ -258,12 +359,13 @@ class MaskedRegionModelling(nn.Module):
             ``loss`` (the weighted sum), ``regression_loss`` and ``classification_loss``.
         """
         inner = fusion_model(model)
-        inputs = inner.visual_inputs(**visual_batch(model, batch))
-        masked = choose_regions(inputs.mask, self.mask_prob)
-        out = model(batch["text"], visual_inputs=inputs, visual_mask=masked)
+        seen, target_inputs, masked = masked_visual_inputs(inner, visual_batch(model, batch), self.mask_prob)
+        out = model(batch["text"], visual_inputs=seen, visual_mask=masked)
         states = out.visual[masked]
-        targets = inputs.features[masked].detach().float()
+        targets = target_inputs.features[masked].detach().float()
         regression = F.mse_loss(inner.region_regression(states).float(), targets)
-        classification = self._classification_loss(inner, inner.region_classifier(states), inputs, batch, masked)
+        classification = self._classification_loss(
+            inner, inner.region_classifier(states), target_inputs, batch, masked
+        )
         loss = self.regression_weight * regression + self.classification_weight * classification
         return {"loss": loss, "regression_loss": regression.detach(), "classification_loss": classification.detach()}

@@ -8,7 +8,8 @@ Layout (DESIGN.md sec 2)::
         tokenizer.model      the sentencepiece model the text tower reads (or, for an
                              imported CLIP, its BPE vocab.json + merges.txt)
         training_state/      optimizer.pt, scheduler.pt, rng.pt, scaler.pt (fp16 loss scaling only),
-                             state.json (step, every rank's data position, counters)
+                             objectives.pt (the objectives' state, e.g. mrm's k-means codebook; when
+                             they have any), state.json (step, every rank's data position, counters)
     <run>/checkpoints/latest  name of the newest complete checkpoint
 
 A checkpoint is written into a temporary sibling folder and renamed into
@@ -107,6 +108,7 @@ def save_checkpoint(
     keep: int = 3,
     staging: Path | None = None,
     scaler: Any = None,
+    objectives: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``step_XXXXXXXX`` atomically, point ``latest`` at it and keep the newest ``keep``.
 
@@ -127,6 +129,8 @@ def save_checkpoint(
         staging: the temporary folder to fill and rename, when other processes already wrote
             into it (see :func:`staging_dir`); default: a new one.
         scaler: the fp16 loss scaler (``torch.amp.GradScaler``) whose state to save with the training state.
+        objectives: the objectives' state dict (buffers such as a k-means codebook), saved with the
+            training state when it is not empty.
 
     Returns:
         The checkpoint folder.
@@ -150,6 +154,8 @@ def save_checkpoint(
                 torch.save(scheduler.state_dict(), ts / "scheduler.pt")
             if scaler is not None:
                 torch.save(scaler.state_dict(), ts / "scaler.pt")
+            if objectives:
+                torch.save(dict(objectives), ts / "objectives.pt")
             torch.save(rng_state(), ts / "rng.pt")
             payload = {"step": step, **(state or {}), "rng": _json_rng_state()}
             (ts / "state.json").write_text(json.dumps(payload), encoding="utf-8")
@@ -215,11 +221,18 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def load_training_state(
-    checkpoint: Path, optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None, scaler: Any = None
+    checkpoint: Path,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    scaler: Any = None,
+    objectives: nn.Module | None = None,
 ) -> dict[str, Any]:
-    """Restore the scheduler and RNG state (and ``optimizer``'s and ``scaler``'s, when given); return ``state.json``.
+    """Restore the scheduler and RNG state (and ``optimizer``'s, ``scaler``'s and ``objectives``', when given);
+    return ``state.json``.
 
-    A checkpoint without ``scaler.pt`` (a run without fp16 loss scaling) leaves ``scaler`` as it is.
+    A checkpoint without ``scaler.pt`` (a run without fp16 loss scaling) leaves ``scaler`` as it is; one
+    without ``objectives.pt`` (objectives without state, or a checkpoint written before it was saved)
+    leaves ``objectives`` as they are.
 
     The optimizer state is in ``training_state/optimizer.pt`` (``optimizer_state_file``) for callers
     that restore it themselves, e.g. into a sharded optimizer.
@@ -233,6 +246,8 @@ def load_training_state(
         scheduler.load_state_dict(torch.load(ts / "scheduler.pt", weights_only=True))
     if scaler is not None and (ts / "scaler.pt").is_file():
         scaler.load_state_dict(torch.load(ts / "scaler.pt", weights_only=True))
+    if objectives is not None and (ts / "objectives.pt").is_file():
+        objectives.load_state_dict(torch.load(ts / "objectives.pt", map_location="cpu", weights_only=True))
     rng = torch.load(ts / "rng.pt", weights_only=True)
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():

@@ -60,6 +60,7 @@ from mmptm.training.optim import build_optimizer, build_scheduler
 from mmptm.training.precision import cpu_bf16_gemms
 from mmptm.training.sharding import (
     average_replicated_grads,
+    check_shardable,
     clip_grad_norm,
     load_distributed_state,
     load_model_state,
@@ -266,6 +267,8 @@ class Trainer:
         self.objectives.to(self.accelerator.device)
         # FSDP with a single process would shard over nothing: it trains like plain single-process.
         self.sharded = config.distributed.strategy == "fsdp" and self.accelerator.num_processes > 1
+        if config.distributed.strategy == "fsdp":  # single-process too: the config fails before it scales out
+            check_shardable(self.model)
         if config.distributed.cpu_offload and (config.distributed.strategy != "fsdp" or not on_gpu):
             raise ConfigError(
                 "distributed.cpu_offload moves FSDP shards between GPU and CPU memory: it needs "
@@ -401,7 +404,10 @@ class Trainer:
                 torch.load(optimizer_state_file(checkpoint), map_location="cpu", weights_only=True),
                 self.sharded,
             )
-        state = load_training_state(checkpoint, scheduler=self.scheduler, scaler=self.accelerator.scaler)
+        state = load_training_state(
+            checkpoint, scheduler=self.scheduler, scaler=self.accelerator.scaler,
+            objectives=self.trained_modules["objectives"],
+        )
         self.step = state["step"]
         self.samples_seen = state.get("samples_seen", 0)
         for name, position in self._rank_data_positions(state, checkpoint).items():
@@ -523,6 +529,7 @@ class Trainer:
                 state=state,
                 keep=self.config.train.keep_checkpoints,
                 scaler=self.accelerator.scaler,
+                objectives=self.trained_modules["objectives"].state_dict(),  # e.g. mrm's k-means codebook
             )
             logger.info("saved checkpoint %s", path)
         self.accelerator.wait_for_everyone()
