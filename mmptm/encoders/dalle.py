@@ -36,7 +36,7 @@ import yaml
 from torch import nn
 
 from mmptm.config import ConfigError
-from mmptm.encoders.layers import Attention, Mlp, checkpoint_in_forward_modes
+from mmptm.encoders.layers import Attention, Mlp, checkpoint_in_forward_modes, padding_by_place
 from mmptm.registry import register_model
 
 
@@ -307,18 +307,12 @@ class TokenDecoder(nn.Module):
             )
 
     def padding(self, text: torch.Tensor) -> torch.Tensor:
-        """``[B, L]`` bool, True at the padding of tokenizer rows ``text``.
+        """``[B, L]`` bool, True at the padding of tokenizer rows ``text`` (:func:`padding_by_place`).
 
-        A ``pad_id`` is padding unless it comes before the row's first ``eot_id``: with CLIP's BPE,
-        pad id 0 is also the symbol ``"!"``, a word of the caption there. Rows without an end-of-text
-        token (the empty caption, or a model without ``eot_id``) have every ``pad_id`` as padding.
+        Rows without an end-of-text token (the empty caption, or a model without ``eot_id``) have
+        every ``pad_id`` as padding.
         """
-        is_pad = text == self.pad_id
-        if self.eot_id is None:
-            return is_pad
-        is_eot = (text == self.eot_id).int()
-        inside_caption = (is_eot.cumsum(dim=1) == 0) & is_eot.any(dim=1, keepdim=True)
-        return is_pad & ~inside_caption
+        return padding_by_place(text, self.pad_id, self.eot_id)
 
     def text_ids(self, text: torch.Tensor) -> torch.Tensor:
         """Tokeniser rows ``[B, L <= text_length]`` -> the ids the model reads, ``[B, text_length]``.

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from mmptm.encoders.bert import BERT_LAYER_NORM_EPS, BertEmbeddings, MaskedLMHead, RegionHead
+from mmptm.encoders.layers import padding_by_place
 from mmptm.encoders.visual_inputs import BOXES_KEY, REGION_MASK_KEY, REGIONS_KEY, VisualInputs
 from mmptm.registry import ENCODERS, EncoderSpec, build
 from mmptm.training.distributed import unwrap_model
@@ -192,12 +193,7 @@ class FusionModel(nn.Module):
         stays visible, after the end-of-text token it is padding. For WordPiece captions
         (``[CLS] ... [SEP] [PAD]...``) this is Hugging Face's ``attention_mask`` (``text != pad``).
         """
-        not_pad = text != self.pad_id
-        if self.eot_id is None:
-            return not_pad
-        is_eot = (text == self.eot_id).int()
-        before_first_eot = (is_eot.cumsum(dim=1) == 0) & is_eot.any(dim=1, keepdim=True)
-        return not_pad | before_first_eot
+        return ~padding_by_place(text, self.pad_id, self.eot_id)
 
     @property
     def reads_regions(self) -> bool:

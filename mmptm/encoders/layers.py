@@ -249,6 +249,21 @@ class Transformer(nn.Module):
         return x
 
 
+def padding_by_place(text: torch.Tensor, pad_id: int, eot_id: int | None) -> torch.Tensor:
+    """``[B, L]`` bool, True at the padding of tokenizer rows ``text``.
+
+    A ``pad_id`` is padding unless it comes before the row's first ``eot_id``: with CLIP's BPE,
+    pad id 0 is also the symbol ``"!"``, a word of the caption there. Rows without an end-of-text
+    token (or ``eot_id`` None) have every ``pad_id`` as padding.
+    """
+    is_pad = text == pad_id
+    if eot_id is None:
+        return is_pad
+    is_eot = (text == eot_id).int()
+    inside_caption = (is_eot.cumsum(dim=1) == 0) & is_eot.any(dim=1, keepdim=True)
+    return is_pad & ~inside_caption
+
+
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """``F.dropout(x, p, training)``, skipped (no kernel, no random numbers) when it would do nothing."""
     return F.dropout(x, p, training) if p and training else x

@@ -47,6 +47,7 @@ from mmptm.data_pipelines.fairseq_spm import (
     MBART_CC25_LANGUAGE_CODES,
     FairseqSentencePieceTokenizer,
 )
+from mmptm.encoders.layers import check_probability
 from mmptm.interop.common import (
     ConversionError,
     read_fairseq_tokenizer,
@@ -244,9 +245,10 @@ def mbart_config_from_hf(hf_config: Mapping[str, Any], path: Path) -> dict[str, 
         if config[key] != fairseq_id:
             raise refuse(key, f"{fairseq_id}, fairseq's id, which the sentencepiece tokenizer gives")
     for key in DROPOUT_KEYS:
-        value = config[key]
-        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
-            raise refuse(key, "a probability in [0, 1]")
+        try:
+            check_probability(key, config[key])
+        except ValueError:
+            raise refuse(key, "a probability in [0, 1]") from None
     return {
         "name": "mbart",
         "width": width,
